@@ -1,0 +1,167 @@
+"""Shared building blocks: attention in PyTorch's fused `in_proj` layout, MLPs, DropPath.
+
+Conventions for every module in `ovseg_jax.models`:
+- NHWC images, `[B, L, D]` token sequences.
+- Parameters are float32 (`param_dtype`); `dtype` is the compute dtype (float32 or bfloat16).
+- LayerNorm eps is 1e-5 everywhere (PyTorch's default; Flax's is 1e-6).
+- Softmax and normalisation statistics run in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LN_EPS = 1e-5
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """CLIP's activation, `x * sigmoid(1.702 x)`."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """PyTorch `nn.GELU()` (erf form; Flax's default is the tanh approximation)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": gelu_exact,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str):
+    """Look an activation up by its PyTorch/transformers name."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
+
+
+def layer_norm(dim: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm with PyTorch's eps (1e-5) and float32 parameters."""
+    return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def linear(din: int, dout: int, *, dtype, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+    """Linear layer, kernel `[din, dout]` (the transpose of PyTorch's weight)."""
+    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """`[B, L, D] -> [B, L, heads, D / heads]`."""
+    b, l, d = x.shape
+    return x.reshape(b, l, num_heads, d // num_heads)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    num_heads: int,
+    *,
+    bias: jax.Array | None = None,
+    is_causal: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """Multi-head scaled dot-product attention on already-projected inputs.
+
+    q `[B, Lq, D]`, k/v `[B, Lk, D]` -> `[B, Lq, D]`. `bias` broadcasts to `[B, heads, Lq, Lk]`
+    and is added to the logits (e.g. Swin's relative position bias + shift mask). Logits and
+    softmax are computed in float32. Attention-weight dropout is applied only when
+    `dropout_rate > 0` and a `dropout_rng` is given (training).
+    """
+    dtype = q.dtype
+    qh, kh, vh = (split_heads(t, num_heads) for t in (q, k, v))
+    head_dim = qh.shape[-1]
+    if dropout_rate == 0.0 or dropout_rng is None:
+        out = jax.nn.dot_product_attention(
+            qh, kh, vh, bias=None if bias is None else bias.astype(dtype),
+            scale=head_dim**-0.5, is_causal=is_causal,
+        )
+        return out.reshape(q.shape[:2] + (-1,))
+    # Explicit path for attention dropout (not supported by jax.nn.dot_product_attention).
+    logits = jnp.einsum("bqhd,bkhd->bhqk", qh * head_dim**-0.5, kh,
+                        preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if is_causal:
+        lq, lk = logits.shape[-2:]
+        causal = jnp.tril(jnp.ones((lq, lk), bool))
+        logits = jnp.where(causal, logits, -jnp.inf)
+    weights = jax.nn.softmax(logits, axis=-1)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0).astype(dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, vh)
+    return out.reshape(q.shape[:2] + (-1,))
+
+
+class MultiHeadAttention(nnx.Module):
+    """`torch.nn.MultiheadAttention` with a fused input projection.
+
+    Parameters mirror PyTorch's names: `in_proj` (kernel `[D, 3D]` = columns [q | k | v], the
+    transpose of `in_proj_weight`) and `out_proj`. Heads are contiguous slices of q, k, v.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, dtype=jnp.float32, dropout: float = 0.0,
+                 rngs: nnx.Rngs):
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.in_proj = linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
+        self.out_proj = linear(dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, is_causal: bool = False, bias: jax.Array | None = None,
+                 dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Self-attention: `[B, L, D] -> [B, L, D]`."""
+        q, k, v = jnp.split(self.in_proj(x), 3, axis=-1)
+        out = dot_product_attention(q, k, v, self.num_heads, bias=bias, is_causal=is_causal,
+                                    dropout_rate=self.dropout, dropout_rng=dropout_rng)
+        return self.out_proj(out)
+
+    def attend(self, query: jax.Array, key: jax.Array, value: jax.Array, *,
+               bias: jax.Array | None = None, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """General attention with distinct query/key/value inputs (e.g. DETR's `q = k = tgt + pos`,
+        `v = tgt`): query `[B, Lq, D]`, key/value `[B, Lk, D]` -> `[B, Lq, D]`."""
+        kernel = self.in_proj.kernel[...].astype(query.dtype)
+        bias_qkv = self.in_proj.bias[...].astype(query.dtype)
+        d = self.dim
+        q = query @ kernel[:, :d] + bias_qkv[:d]
+        k = key @ kernel[:, d:2 * d] + bias_qkv[d:2 * d]
+        v = value @ kernel[:, 2 * d:] + bias_qkv[2 * d:]
+        out = dot_product_attention(q, k, v, self.num_heads, bias=bias,
+                                    dropout_rate=self.dropout, dropout_rng=dropout_rng)
+        return self.out_proj(out)
+
+
+class Mlp(nnx.Module):
+    """Two-layer MLP `fc1 -> act -> fc2` with configurable parameter names.
+
+    CLIP names the layers `c_fc` / `c_proj`; Swin `fc1` / `fc2`. Use `names` to mirror the
+    checkpoint so converters stay name tables.
+    """
+
+    def __init__(self, dim: int, hidden: int, *, act: str, dtype=jnp.float32,
+                 names: tuple[str, str] = ("fc1", "fc2"), rngs: nnx.Rngs):
+        self.act = act
+        self.names = names
+        setattr(self, names[0], linear(dim, hidden, dtype=dtype, rngs=rngs))
+        setattr(self, names[1], linear(hidden, dim, dtype=dtype, rngs=rngs))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        fc1, fc2 = (getattr(self, n) for n in self.names)
+        return fc2(activation(self.act)(fc1(x)))
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Stochastic depth: drop the whole residual branch per example. Identity when `rng` is None."""
+    if rate == 0.0 or rng is None:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
