@@ -128,7 +128,7 @@ def nnx_to_torch(model: nnx.Module) -> dict[str, np.ndarray]:
             out[_key(stem + ("weight",))] = arr
         else:
             out[_key(tuple(path))] = arr
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    return {k: np.array(v, order="C") for k, v in out.items()}
 
 
 def _short(items: list[str], limit: int = 20) -> str:

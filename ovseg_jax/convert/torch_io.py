@@ -124,7 +124,7 @@ def write_safetensors(state: Mapping[str, np.ndarray], path: str | os.PathLike,
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp),
+    save_file({k: np.array(v, order="C") for k, v in state.items()}, str(tmp),
               metadata=dict(metadata or {}))
     os.replace(tmp, path)
 
@@ -138,7 +138,7 @@ def write_torch_file(obj: Any, path: str | os.PathLike) -> None:
         if isinstance(x, Mapping):
             return {k: to_torch(v) for k, v in x.items()}
         if isinstance(x, np.ndarray):
-            return torch.from_numpy(np.ascontiguousarray(x))
+            return torch.from_numpy(np.array(x, order="C"))
         return x
 
     tmp = path.with_name(path.name + ".tmp")

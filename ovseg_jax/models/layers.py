@@ -41,9 +41,9 @@ def activation(name: str):
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
 
 
-def layer_norm(dim: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """LayerNorm with PyTorch's eps (1e-5) and float32 parameters."""
-    return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+def layer_norm(dim: int, *, dtype, rngs: nnx.Rngs, eps: float = LN_EPS) -> nnx.LayerNorm:
+    """LayerNorm with PyTorch's eps (1e-5 unless given) and float32 parameters."""
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 def linear(din: int, dout: int, *, dtype, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
