@@ -20,8 +20,8 @@ import numpy as np
 _CUBIC_A = -0.75  # PyTorch's bicubic coefficient
 
 
-def _cubic_weights(t: np.ndarray) -> np.ndarray:
-    """Keys cubic convolution weights for the 4 taps at offsets -1, 0, 1, 2; t in [0, 1)."""
+def _cubic_weights(t):
+    """Keys cubic convolution weights (a list of 4 arrays) for the taps at offsets -1, 0, 1, 2; t in [0, 1)."""
     a = _CUBIC_A
 
     def near(x):  # |x| <= 1
@@ -30,7 +30,36 @@ def _cubic_weights(t: np.ndarray) -> np.ndarray:
     def far(x):  # 1 < |x| < 2
         return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
 
-    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+
+def _window_matrix(xp, start, length, in_size: int, out_size: int, mode: str):
+    """`[out_size, in_size]` matrix resizing the window `[start, start + length)` of an axis of
+    `in_size` to `out_size` samples (torch `interpolate(..., align_corners=False)` applied to the
+    cropped window). `xp` is numpy (static sizes) or jax.numpy (traced `start`/`length`)."""
+    dtype = xp.float64 if xp is np else xp.float32
+    length = xp.asarray(length, dtype)
+    scale = length / out_size
+    dst = xp.arange(out_size, dtype=dtype)
+    if mode == "nearest":
+        taps = [xp.minimum(xp.floor(dst * scale), length - 1)]
+        weights = [xp.ones_like(dst)]
+    elif mode == "bilinear":
+        src = xp.maximum((dst + 0.5) * scale - 0.5, 0.0)
+        i0 = xp.minimum(xp.floor(src), length - 1)
+        taps = [i0, xp.minimum(i0 + 1, length - 1)]
+        weights = [1.0 - (src - i0), src - i0]
+    elif mode == "bicubic":
+        src = (dst + 0.5) * scale - 0.5  # torch does not clamp the source index for cubic
+        i0 = xp.floor(src)
+        cubic = _cubic_weights(src - i0)
+        taps = [xp.clip(i0 - 1 + k, 0, length - 1) for k in range(4)]
+        weights = cubic
+    else:
+        raise ValueError(f"unknown resize mode {mode!r}; expected nearest, bilinear or bicubic")
+    positions = xp.arange(in_size, dtype=dtype)[None, :]
+    offset = xp.asarray(start, dtype)
+    return sum(w[:, None] * (positions == (t + offset)[:, None]) for t, w in zip(taps, weights))
 
 
 @functools.lru_cache(maxsize=256)
@@ -41,30 +70,14 @@ def interpolation_matrix(in_size: int, out_size: int, mode: str) -> np.ndarray:
     size is given: `"bilinear"`, `"bicubic"` (A=-0.75, clamped border taps, no antialias),
     `"nearest"` (legacy: src = floor(dst * in / out)).
     """
-    scale = in_size / out_size
-    dst = np.arange(out_size, dtype=np.float64)
-    w = np.zeros((out_size, in_size), np.float64)
-    rows = np.arange(out_size)
-    if mode == "nearest":
-        src = np.minimum(np.floor(dst * scale).astype(np.int64), in_size - 1)
-        w[rows, src] = 1.0
-    elif mode == "bilinear":
-        src = np.maximum((dst + 0.5) * scale - 0.5, 0.0)
-        i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-        i1 = np.minimum(i0 + 1, in_size - 1)
-        t = src - i0
-        np.add.at(w, (rows, i0), 1.0 - t)
-        np.add.at(w, (rows, i1), t)
-    elif mode == "bicubic":
-        src = (dst + 0.5) * scale - 0.5  # torch does not clamp the source index for cubic
-        i0 = np.floor(src).astype(np.int64)
-        weights = _cubic_weights(src - i0)
-        for tap in range(4):
-            idx = np.clip(i0 - 1 + tap, 0, in_size - 1)
-            np.add.at(w, (rows, idx), weights[:, tap])
-    else:
-        raise ValueError(f"unknown resize mode {mode!r}; expected nearest, bilinear or bicubic")
-    return w.astype(np.float32)
+    return _window_matrix(np, 0, in_size, in_size, out_size, mode).astype(np.float32)
+
+
+def window_interpolation_matrix(start: jax.Array, length: jax.Array, in_size: int, out_size: int,
+                                mode: str) -> jax.Array:
+    """Traced variant for crops of data-dependent size: `[out_size, in_size]` float32 matrix that
+    resizes the window `[start, start + length)` of an axis to `out_size` (jit-able, static shapes)."""
+    return _window_matrix(jnp, start, length, in_size, out_size, mode).astype(jnp.float32)
 
 
 def resize(x: jax.Array, out_hw: tuple[int, int], mode: str, axes: tuple[int, int] = (-3, -2)) -> jax.Array:
