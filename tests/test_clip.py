@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from transformers import CLIPConfig, CLIPModel
 
 import ovseg_jax.clip as oclip
@@ -272,6 +275,17 @@ def test_hf_export_loads_in_transformers(tmp_path, hf_pair):
     size = model.config.vision_config.image_size
     images = np.random.RandomState(10).randn(2, size, size, 3).astype(np.float32)
     np.testing.assert_allclose(hf_image_features(reloaded, images), hf_image_features(model, images), atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params(tmp_path, hf_pair):
+    model, clip = hf_pair
+    low = oclip.load(oclip.export(clip, tmp_path / "hf", format="hf"), dtype=jnp.bfloat16)
+    params = nnx.state(low.model, nnx.Param)
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    size = model.config.vision_config.image_size
+    images = np.random.RandomState(11).randn(4, size, size, 3).astype(np.float32)
+    cosine = np.sum(np.asarray(low.encode_image(images)) * hf_image_features(model, images), axis=-1)
+    assert cosine.min() > 0.99, cosine
 
 
 def test_openai_export_loads_in_reference_module(tmp_path):
