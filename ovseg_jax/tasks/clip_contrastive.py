@@ -1,0 +1,81 @@
+"""Contrastive CLIP training (reference 4.2-4.3): pretraining on captions (synthetic world only),
+full fine-tuning on masked crops, and mask prompt tuning. The stages differ only in config:
+
+- `config.model.clip`: `ClipConfig` fields (mask prompts on when `mask_prompt_depth > 0`).
+- `config.init_from`: "" (random init), a trainer workdir of a previous stage, or any CLIP
+  checkpoint `ovseg_jax.clip.load` reads (OpenAI/open_clip/transformers/OVSeg). A missing
+  `visual.mask_embedding` is initialised N(0, 0.02), as mask prompt tuning starts.
+- `config.optim.freeze` / `trainable`: e.g. the text tower for fine-tuning, everything but
+  `visual/mask_embedding` for mask prompt tuning.
+
+Batches: `{"image": float32 [B, S, S, 3] CLIP-normalised, "token_ids": int32 [B, L],
+"region_mask": float32 [B, S, S] 0/1 (used only when the model has mask prompts)}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from ovseg_jax import checkpoint
+from ovseg_jax.losses.contrastive import clamp_logit_scale, clip_contrastive_loss
+from ovseg_jax.models.clip import CLIP, ClipConfig
+
+BATCH_KEYS = ("image", "token_ids")
+
+
+def model_config(config) -> ClipConfig:
+    return ClipConfig(**config.model.clip.to_dict())
+
+
+def check_inputs(config) -> None:
+    """Fail early when `config.init_from` names a file that is not there."""
+    init = config.get("init_from") or ""
+    if init and not Path(init).exists():
+        raise FileNotFoundError(
+            f"config.init_from={init!r} does not exist. Expected a trainer workdir of the previous "
+            "stage (<workdir>/checkpoints/<step>/params) or a CLIP checkpoint: OpenAI ViT-L-14.pt / "
+            "ViT-B-16.pt (the `clip` package downloads them), a transformers CLIP directory, or an "
+            "OVSeg .pth (see README, 'Weights').")
+
+
+def build_model(config, *, dtype, rngs: nnx.Rngs) -> CLIP:
+    """The CLIP of `config.model.clip`, initialised from `config.init_from` when given."""
+    cfg = model_config(config)
+    init = config.get("init_from") or ""
+    if not init:
+        return CLIP(cfg, dtype=dtype, rngs=rngs)
+    check_inputs(config)
+    if checkpoint.is_checkpoint_dir(init):
+        model = CLIP(cfg, dtype=dtype, rngs=rngs)
+        allow = ("^visual/mask_embedding$",) if cfg.mask_prompt_depth else ()
+        checkpoint.assign_params(model, checkpoint.load_params(init), source=init, allow_missing=allow)
+        return model
+    from ovseg_jax.clip import load  # noqa: PLC0415  (imports transformers' tokenizer code)
+
+    model = load(init, mask_prompt_depth=cfg.mask_prompt_depth, dtype=dtype).model
+    if model.config != cfg:
+        diff = {f.name: (getattr(model.config, f.name), getattr(cfg, f.name))
+                for f in dataclasses.fields(cfg) if getattr(model.config, f.name) != getattr(cfg, f.name)}
+        raise ValueError(f"{init}: checkpoint architecture differs from config.model.clip "
+                         f"(field: (checkpoint, config)) {diff}")
+    return model
+
+
+def loss(model: CLIP, batch, rng: jax.Array):
+    """Symmetric InfoNCE over the (global) batch -> (loss, metrics)."""
+    del rng  # no dropout in CLIP
+    masks = batch.get("region_mask") if model.config.mask_prompt_depth else None
+    image_features = model.encode_image(batch["image"], masks)
+    text_features = model.encode_text(batch["token_ids"])
+    return clip_contrastive_loss(image_features, text_features, model.logit_scale[...])
+
+
+def post_update(params: dict) -> dict:
+    """Clamp `logit_scale` to `[0, ln 100]` after each step (when it is trained)."""
+    if "logit_scale" in params:
+        params = {**params, "logit_scale": clamp_logit_scale(params["logit_scale"])}
+    return params

@@ -1,0 +1,252 @@
+"""The generic trainer: `python -m ovseg_jax.train --config configs/vitl_mpt.py --workdir DIR`.
+
+Any config field can be overridden: `--config.optim.lr=1e-5 --config.total_steps=100`; a config
+file may take a variant string: `--config configs/synthetic.py:clip_ft`.
+
+Train state (a dict, checkpointed by `ovseg_jax.checkpoint`): `params` (flat `{path: array}`,
+float32), `opt_state` (optax state over the trained parameters only), `step` (int32), `rng`
+(raw uint32 key data; the step's key is `fold_in(rng, step)`), and `model_state` (non-parameter
+model variables, if the model has any). `train_step(state, batch) -> (state, metrics)` is pure and
+compiled once with explicit in/out shardings, donating the old state.
+
+Batches are dicts of numpy arrays holding this process's slice of the global batch (leading axis);
+they become global arrays sharded over the mesh's "data" axis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ovseg_jax import optim, sharding, tasks
+from ovseg_jax.checkpoint import Checkpointer, FlatTree
+from ovseg_jax.monitor import MetricWriter, Progress
+
+log = logging.getLogger("ovseg_jax.train")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+def _put_global(value: Any, target: NamedSharding) -> jax.Array:
+    """A value identical on every process -> a global array with `target` sharding."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
+
+
+def to_global(batch: Mapping[str, np.ndarray], target: NamedSharding) -> dict[str, jax.Array]:
+    """Per-process batch slices (leading axis) -> global arrays sharded as `target`."""
+    return {k: jax.make_array_from_process_local_data(target, np.asarray(v)) for k, v in batch.items()}
+
+
+class Trainer:
+    """Builds the model of `config.task`, the optimiser, the mesh and shardings; `fit` runs the loop.
+
+    `workdir=None` trains without checkpoints or TensorBoard logs (tests, benchmarks).
+    """
+
+    def __init__(self, config, workdir: str | Path | None = None):
+        self.config = config
+        self.task = tasks.get(config.task)
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.mesh = sharding.make_mesh(config.mesh)
+        if config.dtype not in DTYPES:
+            raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}; got {config.dtype!r}")
+        model = self.task.build_model(config, dtype=DTYPES[config.dtype], rngs=nnx.Rngs(config.seed))
+        self.graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+        self.param_tree, self.state_tree = FlatTree(params), FlatTree(model_state)
+        flat = self.param_tree.flatten(params)
+        self.trainable = optim.trainable_paths(flat, config.optim)
+        if not self.trainable:
+            raise ValueError("config.optim.trainable / freeze leave no parameter to train")
+        log.info("parameter groups:\n%s", optim.describe(config.optim, flat))
+        self.tx = optim.make_optimizer(config.optim, {p: flat[p] for p in self.trainable})
+        self.schedule = optim.make_schedule(config.optim)
+
+        mesh = self.mesh
+        replicated = NamedSharding(mesh, P())
+        specs = sharding.param_specs({p: v.shape for p, v in flat.items()}, config.sharding.get("rules"),
+                                     mesh, config.sharding.get("fsdp_min_size"))
+        self.param_shardings = {p: NamedSharding(mesh, s) for p, s in specs.items()}
+        opt_abstract = jax.eval_shape(self.tx.init, {p: flat[p] for p in self.trainable})
+        train_shardings = {"step": replicated, "rng": replicated,
+                           "opt_state": sharding.follow_params(opt_abstract, self.param_shardings, mesh)}
+        flat_state = self.state_tree.flatten(model_state)
+        if flat_state:
+            train_shardings["model_state"] = {p: replicated for p in flat_state}
+        self.state_shardings = {"params": self.param_shardings, **train_shardings}
+        self.batch_sharding = sharding.batch_sharding(mesh)
+
+        params_g = {p: _put_global(v, self.param_shardings[p]) for p, v in flat.items()}
+        init_opt = jax.jit(self.tx.init, out_shardings=train_shardings["opt_state"])
+        self.state = {
+            "params": params_g,
+            "step": _put_global(np.int32(0), replicated),
+            "rng": _put_global(jax.random.key_data(jax.random.key(config.seed)), replicated),
+            "opt_state": init_opt({p: params_g[p] for p in self.trainable}),
+        }
+        if flat_state:
+            self.state["model_state"] = {p: _put_global(v, replicated) for p, v in flat_state.items()}
+        self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                                  out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+        self.checkpointer = None
+        if self.workdir is not None:
+            ck = config.checkpoint
+            self.checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=ck.max_to_keep,
+                                             interval=ck.interval, async_save=ck.get("async_save", True))
+        self._stop_signal: int | None = None
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def model(self, params: Mapping[str, jax.Array], model_state: Mapping[str, jax.Array] | None = None):
+        """An `nnx` model holding `params` (flat dict) and the model state."""
+        state = self.state_tree.unflatten(model_state or {})
+        return nnx.merge(self.graphdef, self.param_tree.unflatten(params), state)
+
+    def _train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        """One optimiser step on a global batch -> (new state, scalar metrics)."""
+        step = state["step"]
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        params = state["params"]
+        frozen = {p: v for p, v in params.items() if p not in set(self.trainable)}
+        trained = {p: params[p] for p in self.trainable}
+
+        def loss_fn(trained):
+            model = self.model({**frozen, **trained}, state.get("model_state"))
+            return self.task.loss(model, batch, rng)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], trained)
+        trained = self.task.post_update(optax.apply_updates(trained, updates))
+        new_state = {**state, "params": {**frozen, **trained}, "opt_state": opt_state, "step": step + 1}
+        metrics = {**metrics, "loss": loss, "grad_norm": optim.global_norm(grads),
+                   "learning_rate": self.schedule(step)}
+        return new_state, metrics
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _train_part(self) -> dict:
+        return {k: v for k, v in self.state.items() if k != "params"}
+
+    def save(self, data_iter: Any = None) -> None:
+        """Start an asynchronous checkpoint of the current state (and iterator position)."""
+        step = int(self.state["step"])
+        data_state = data_iter.get_state() if hasattr(data_iter, "get_state") else None
+        self.checkpointer.save(step, self.state["params"], self._train_part(), data_state,
+                               json.loads(self.config.to_json_best_effort()))
+
+    def restore(self, data_iter: Any = None) -> int:
+        """Resume from the latest checkpoint in the workdir, if any -> the step to continue at."""
+        if self.checkpointer is None or self.checkpointer.latest_step() is None:
+            return int(self.state["step"])
+        step = self.checkpointer.latest_step()
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+        params, train, data_state = self.checkpointer.restore(
+            step, abstract["params"], {k: v for k, v in abstract.items() if k != "params"})
+        self.state = {"params": params, **train}
+        if data_state is not None and hasattr(data_iter, "set_state"):
+            data_iter.set_state(data_state)
+        log.info("resumed from %s at step %d", self.checkpointer.directory, step)
+        return step
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame) -> None:
+        del frame
+        self._stop_signal = signum
+
+    def _stop_requested(self, step: int) -> bool:
+        flag = self._stop_signal is not None
+        if jax.process_count() > 1:
+            # Every process must agree on the step at which to stop and save.
+            if step % self.config.log_every:
+                return False
+            flag = bool(multihost_utils.process_allgather(np.int32(flag)).max())
+        return flag
+
+    def _check(self, pending: list[tuple[int, dict]]) -> dict[str, float]:
+        """Fetch pending metrics; raise NonFiniteLossError on a NaN/inf loss -> last step's metrics."""
+        fetched = jax.device_get(pending)
+        for step, metrics in fetched:
+            if not np.isfinite(metrics["loss"]):
+                latest = self.checkpointer.latest_step() if self.checkpointer else None
+                where = (f"the last good checkpoint is step {latest} in {self.checkpointer.directory}"
+                         if latest is not None else "no checkpoint was saved")
+                raise NonFiniteLossError(f"loss is {metrics['loss']} at step {step}; training stopped "
+                                         f"({where}). Lower config.optim.lr or check the data.")
+        pending.clear()
+        return {k: float(v) for k, v in fetched[-1][1].items()} if fetched else {}
+
+    def fit(self, data_iter: Iterator[Mapping[str, np.ndarray]], *, num_steps: int | None = None,
+            writer: MetricWriter | None = None,
+            evaluate: Callable[[Any, int], Mapping[str, float]] | None = None) -> str:
+        """Train until `config.total_steps` (or `num_steps` more steps) -> "done" or "preempted".
+
+        Resumes from the workdir's latest checkpoint first. On SIGTERM/SIGINT the current state is
+        checkpointed and "preempted" returned. `evaluate(model, step)` runs every
+        `config.eval_every` steps (and at the end) and its scalars are logged.
+        """
+        cfg = self.config
+        start = self.restore(data_iter)
+        end = cfg.total_steps if num_steps is None else min(cfg.total_steps, start + num_steps)
+        writer = writer or MetricWriter(None)
+        local_batch = None
+        progress = None
+        pending: list[tuple[int, dict]] = []
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        saved_step = start
+        try:
+            step = start
+            while step < end:
+                if self._stop_requested(step):
+                    self._check(pending)
+                    if self.checkpointer is not None and saved_step != step:
+                        self.save(data_iter)
+                    log.warning("signal %s: saved step %d, stopping", self._stop_signal, step)
+                    return "preempted"
+                batch = next(data_iter)
+                if local_batch is None:
+                    local_batch = len(next(iter(batch.values())))
+                    sharding.check_batch_divisible(local_batch * jax.process_count(), self.mesh)
+                    progress = Progress(end, local_batch * jax.process_count(), start)
+                self.state, metrics = self.train_step(self.state, to_global(batch, self.batch_sharding))
+                step += 1
+                pending.append((step, metrics))
+                save_now = self.checkpointer is not None and (self.checkpointer.should_save(step) or step == end)
+                if step % cfg.log_every == 0 or save_now or step == end:
+                    scalars = self._check(pending)
+                    if step % cfg.log_every == 0 or step == end:
+                        writer.write_scalars(step, {**scalars, **progress.report(step)})
+                if save_now:
+                    self.save(data_iter)
+                    saved_step = step
+                if evaluate is not None and cfg.get("eval_every") and (step % cfg.eval_every == 0 or step == end):
+                    writer.write_scalars(step, dict(evaluate(self.model(self.state["params"],
+                                                                        self.state.get("model_state")), step)))
+            self._check(pending)
+            return "done"
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if self.checkpointer is not None:
+                self.checkpointer.wait()
+            writer.flush()
+
+    def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+
