@@ -80,3 +80,10 @@ def mask_prompt_tuning(clip: ClipConfig, *, depth: int = 3, lr: float = 0.05, to
     c.total_steps = total_steps
     c.batch_size = batch_size
     return c
+
+
+def clip_pairs_data(path: str, image_size: int = 224) -> ml_collections.ConfigDict:
+    """Masked-crop / text pairs for the CLIP stages: a tab-separated `filepath<TAB>title` CSV
+    (the released format) or our JSON-lines pairs; train crops RandomResizedCrop(scale 0.9-1)."""
+    return ml_collections.ConfigDict({"kind": "clip_pairs", "path": path, "image_size": image_size,
+                                      "num_workers": 8, "seed": 0})

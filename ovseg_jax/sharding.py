@@ -27,27 +27,28 @@ DATA_AXIS = "data"
 
 
 def initialize_distributed() -> None:
-    """`jax.distributed.initialize` when a multi-process launch is described by the environment.
+    """`jax.distributed.initialize` when the environment describes a multi-process launch.
 
-    Recognised: `OVSEG_COORDINATOR` (host:port), `OVSEG_NUM_PROCESSES`, `OVSEG_PROCESS_ID`
-    (set by launch/local_multiprocess.sh); otherwise JAX's own auto-detection on Cloud TPU pods
-    (`TPU_WORKER_HOSTNAMES` with several workers) and SLURM (`SLURM_NTASKS` > 1). CPU processes
-    use the gloo collectives. Single-process runs do nothing.
+    - `OVSEG_COORDINATOR` (host:port), `OVSEG_NUM_PROCESSES`, `OVSEG_PROCESS_ID`: explicit
+      (launch/local_multiprocess.sh); CPU processes use the gloo collectives.
+    - `OVSEG_DISTRIBUTED=1`: JAX's auto-detection (Cloud TPU pods, SLURM; launch/tpu_pod.sh,
+      launch/slurm_multigpu.sh).
+    Otherwise (a single process) nothing happens.
     """
     env = os.environ
     if jax.distributed.is_initialized():
         return
     if "OVSEG_COORDINATOR" in env:
-        if env.get("JAX_PLATFORMS", "").startswith("cpu") or jax.config.jax_platforms == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         try:
             num, pid = int(env["OVSEG_NUM_PROCESSES"]), int(env["OVSEG_PROCESS_ID"])
         except KeyError as e:
             raise RuntimeError(f"OVSEG_COORDINATOR is set but {e.args[0]} is not; set OVSEG_NUM_PROCESSES "
                                "and OVSEG_PROCESS_ID for every process") from None
+        if env.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=env["OVSEG_COORDINATOR"], num_processes=num,
                                    process_id=pid)
-    elif len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1 or int(env.get("SLURM_NTASKS", "1")) > 1:
+    elif env.get("OVSEG_DISTRIBUTED", "0") not in ("", "0"):
         jax.distributed.initialize()
     else:
         return

@@ -15,9 +15,11 @@ they become global arrays sharded over the mesh's "data" axis.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import signal
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -25,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
 from flax import nnx
+from ml_collections import config_flags
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -250,3 +254,69 @@ class Trainer:
         if self.checkpointer is not None:
             self.checkpointer.close()
 
+
+
+def make_data(config, task) -> Iterator[Mapping[str, np.ndarray]]:
+    """This process's training batches: `config.data.kind == "python"` calls
+    `config.data.factory` ("module:function", called with the config); other kinds are the task's."""
+    data = config.data
+    if data.get("kind") == "python":
+        module, _, name = data.factory.partition(":")
+        factory = getattr(importlib.import_module(module), name, None)
+        if factory is None:
+            raise ValueError(f"config.data.factory={data.factory!r}: no function {name!r} in {module}")
+        return iter(factory(config))
+    if not hasattr(task, "make_data"):
+        raise ValueError(f"config.data.kind={data.get('kind')!r} has no reader in task {config.task!r}; "
+                         "use kind='python' with factory='module:function'")
+    return task.make_data(config)
+
+
+def run(config, workdir: str | Path) -> str:
+    """Train one stage (or, for a config with `stages`, each stage in turn in `workdir/<stage>`,
+    with "{workdir}" in a stage's `init_from` replaced by `workdir`) -> "done" / "preempted"."""
+    workdir = Path(workdir)
+    if "stages" in config:
+        for name in config.stages:
+            stage = config[name]
+            with stage.unlocked():
+                stage.init_from = (stage.get("init_from") or "").format(workdir=workdir)
+            log.info("stage %s -> %s", name, workdir / name)
+            if run(stage, workdir / name) != "done":
+                return "preempted"
+        return "done"
+    task = tasks.get(config.task)
+    task.check_inputs(config)
+    data = make_data(config, task)
+    trainer = Trainer(config, workdir)
+    writer = MetricWriter(workdir / "tensorboard")
+    evaluate = task.make_evaluator(config) if hasattr(task, "make_evaluator") else None
+    try:
+        return trainer.fit(data, writer=writer, evaluate=evaluate)
+    finally:
+        trainer.close()
+        writer.close()
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, optionally file.py:variant", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints and TensorBoard logs")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sharding.initialize_distributed()
+    if _CONFIG.value is None or not _WORKDIR.value:
+        raise app.UsageError("--config FILE[:variant] and --workdir DIR are required")
+    try:
+        result = run(_CONFIG.value, _WORKDIR.value)
+    except (NonFiniteLossError, FileNotFoundError) as e:
+        log.error("%s", e)
+        sys.exit(1)
+    log.info("training %s", result)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

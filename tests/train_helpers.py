@@ -68,3 +68,11 @@ class PairBatches:
 
     def set_state(self, state: dict) -> None:
         self.position = int(state["position"])
+
+
+def pair_batches(config) -> PairBatches:
+    """`config.data.factory` for CLI tests: this process's slice of `config.batch_size` pairs."""
+    import jax  # noqa: PLC0415
+
+    return PairBatches(config.batch_size, seed=config.data.get("seed", 0), process_index=jax.process_index(),
+                       process_count=jax.process_count())

@@ -22,7 +22,6 @@ def fit(args) -> None:
     if os.environ.get("OVSEG_COORDINATOR"):
         from ovseg_jax.sharding import initialize_distributed  # noqa: PLC0415
 
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         initialize_distributed()
     import numpy as np  # noqa: PLC0415
 

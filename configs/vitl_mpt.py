@@ -1,0 +1,23 @@
+"""Mask prompt tuning of the fine-tuned CLIP ViT-L/14 (reference 4.3; stage B).
+
+    python -m ovseg_jax.train --config configs/vitl_mpt.py --workdir runs/vitl_mpt \
+        --config.init_from=runs/vitl_ft
+
+Starts from stage A's checkpoint (`init_from`: its workdir, or any CLIP checkpoint), adds
+`visual.mask_embedding [3, 256, 1024]` ~ N(0, 0.02) and trains only it: AdamW lr 0.05, no weight
+decay, warmup 100 + cosine over 5 epochs at global batch 128. The batches' region masks drive
+the mask prompts.
+"""
+
+from ovseg_jax import configs
+from ovseg_jax.models.clip import ClipConfig
+
+
+def get_config(arg=None):
+    del arg
+    c = configs.mask_prompt_tuning(ClipConfig.vit_l14(), depth=3, lr=0.05, total_steps=5 * 3454,
+                                   warmup_steps=100, batch_size=128)
+    c.init_from = "runs/vitl_ft"
+    c.data = configs.clip_pairs_data("data/coco_proposal_1cap/coco_proposal_1cap.csv")
+    c.checkpoint.interval = 1000
+    return c
