@@ -128,21 +128,25 @@ def is_checkpoint_dir(path: str | Path) -> bool:
     return False
 
 
+def _step_dir(path: str | Path, step: int | None) -> Path:
+    """A trainer workdir / its `checkpoints/` / one step directory -> the step directory."""
+    path = Path(path).absolute()
+    if (path / "params").is_dir() and path.name.isdigit():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()
+                   and (p / "params").is_dir()) if root.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"{path}: no trainer checkpoint (expected <workdir>/checkpoints/<step>/params)")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"{path}: no checkpoint for step {step}; saved steps: {steps}")
+    return root / str(step if step is not None else steps[-1])
+
+
 def load_params(path: str | Path, step: int | None = None) -> dict[str, np.ndarray]:
     """Flat `{path: np.ndarray}` parameters of a trainer checkpoint (a workdir, its
     `checkpoints/` directory, or one step directory); the latest step unless `step` is given."""
-    path = Path(path).absolute()
-    if (path / "params").is_dir() and path.name.isdigit():
-        step_dir = path
-    else:
-        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()
-                       and (p / "params").is_dir()) if root.is_dir() else []
-        if not steps:
-            raise FileNotFoundError(f"{path}: no trainer checkpoint (expected <workdir>/checkpoints/<step>/params)")
-        if step is not None and step not in steps:
-            raise FileNotFoundError(f"{path}: no checkpoint for step {step}; saved steps: {steps}")
-        step_dir = root / str(step if step is not None else steps[-1])
+    step_dir = _step_dir(path, step)
     with ocp.PyTreeCheckpointer() as ckptr:
         meta = ckptr.metadata(step_dir / "params")
         tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
@@ -154,3 +158,9 @@ def load_params(path: str | Path, step: int | None = None) -> dict[str, np.ndarr
                                                                target)))
     return {k: np.asarray(v) for k, v in restored.items()}
 
+
+def load_config(path: str | Path, step: int | None = None) -> dict:
+    """The run config (as a dict) saved with a trainer checkpoint; paths as in `load_params`."""
+    step_dir = _step_dir(path, step)
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        return dict(ckptr.restore(step_dir / "config"))

@@ -1,0 +1,44 @@
+"""Stage hand-off to the segmenter: an adapted CLIP replaces the CLIP inside an OVSeg checkpoint."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from ovseg_jax.clip import openai_state_dict
+from ovseg_jax.convert.torch_io import CheckpointError
+from ovseg_jax.merge import clip_from_workdir, merge
+from ovseg_jax.train import Trainer
+from tests.train_helpers import PairBatches, tiny_config
+
+
+def test_merge_replaces_clip_keys_and_adds_mask_embedding(tmp_path):
+    trainer = Trainer(tiny_config("mpt", total_steps=2, lr=0.05), workdir=tmp_path / "mpt")
+    trainer.fit(PairBatches(8), num_steps=1)
+    trainer.close()
+    trained = openai_state_dict(trainer.model(jax.device_get(trainer.state["params"])))
+    assert "visual.mask_embedding" in trained
+
+    rng = np.random.default_rng(0)
+    head = rng.standard_normal((3, 4)).astype(np.float32)
+    old = {f"clip_adapter.clip_model.{k}": torch.zeros(v.shape) for k, v in trained.items()
+           if k != "visual.mask_embedding"}
+    torch.save({"model": {"sem_seg_head.predictor.class_embed.weight": torch.from_numpy(head), **old},
+                "iteration": 119999}, tmp_path / "seg.pth")
+
+    out = merge(tmp_path / "seg.pth", clip_from_workdir(tmp_path / "mpt"), tmp_path / "merged.pth")
+    merged = torch.load(out, weights_only=True)["model"]
+    np.testing.assert_array_equal(merged["sem_seg_head.predictor.class_embed.weight"].numpy(), head)
+    assert sorted(merged) == sorted(["sem_seg_head.predictor.class_embed.weight",
+                                     *(f"clip_adapter.clip_model.{k}" for k in trained)])
+    for key, value in trained.items():
+        np.testing.assert_array_equal(merged[f"clip_adapter.clip_model.{key}"].numpy(), value, err_msg=key)
+
+
+def test_merge_rejects_a_file_without_clip(tmp_path):
+    torch.save({"model": {"backbone.w": torch.zeros(2)}}, tmp_path / "seg.pth")
+    trainer = Trainer(tiny_config("ft"))
+    with pytest.raises(CheckpointError, match="no model.clip_adapter.clip_model"):
+        merge(tmp_path / "seg.pth", trainer.model(trainer.state["params"]), tmp_path / "out.pth")
