@@ -225,7 +225,10 @@ class Trainer:
                 batch = next(data_iter)
                 if local_batch is None:
                     local_batch = len(next(iter(batch.values())))
-                    sharding.check_batch_divisible(local_batch * jax.process_count(), self.mesh)
+                    if local_batch * jax.process_count() != cfg.batch_size:
+                        raise ValueError(f"batches hold {local_batch} examples x {jax.process_count()} "
+                                         f"processes; config.batch_size (global) is {cfg.batch_size}")
+                    sharding.check_batch_divisible(cfg.batch_size, self.mesh)
                     progress = Progress(end, local_batch * jax.process_count(), start)
                 self.state, metrics = self.train_step(self.state, to_global(batch, self.batch_sharding))
                 step += 1
