@@ -10,9 +10,12 @@ import pytest
 import torch
 from flax import nnx
 
-from ovseg_jax.convert.backbone_keys import swin_from_official, swin_from_transformers
+from ovseg_jax.convert.backbone_keys import (load_backbone_weights, swin_from_official,
+                                             swin_from_transformers)
 from ovseg_jax.convert.params import nnx_to_torch, torch_to_nnx
-from ovseg_jax.convert.torch_io import CheckpointError
+from ovseg_jax.convert.torch_io import CheckpointError, read_state_dict
+from ovseg_jax.models.backbone import build_backbone
+from ovseg_jax.models.resnet import FrozenStat, ResNet, ResNetConfig
 from ovseg_jax.models.swin import SwinConfig, SwinTransformer
 
 TOL = 1e-4
@@ -161,3 +164,233 @@ def test_swin_checkpoint_errors_name_the_keys(swin):
     bad = {**state, "norm0.weight": np.zeros(5, np.float32)}
     with pytest.raises(CheckpointError, match=r"shape.*norm0\.weight"):
         torch_to_nnx(bad, swin)
+
+
+# ---------------------------------------------------------------------------------------- ResNet
+# Torch references written here from the detectron2 / torchvision definitions.
+
+class TorchFrozenBN(torch.nn.Module):
+    """detectron2 FrozenBatchNorm2d with random statistics."""
+
+    def __init__(self, c: int, gen: torch.Generator):
+        super().__init__()
+        self.register_buffer("weight", 0.6 + 0.1 * torch.randn(c, generator=gen))
+        self.register_buffer("bias", 0.2 * torch.randn(c, generator=gen))
+        self.register_buffer("running_mean", 0.2 * torch.randn(c, generator=gen))
+        self.register_buffer("running_var", 0.5 + torch.rand(c, generator=gen))
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        return x * scale[:, None, None] + (self.bias - self.running_mean * scale)[:, None, None]
+
+
+class TorchConvBN(torch.nn.Conv2d):
+    """detectron2 Conv2d(bias=False, norm=FrozenBN): weights `x.weight`, `x.norm.*`."""
+
+    def __init__(self, cin, cout, k, gen, stride=1, padding=0, dilation=1):
+        super().__init__(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=False)
+        with torch.no_grad():
+            self.weight.copy_(torch.randn(self.weight.shape, generator=gen) * (1 / (k * k * cin)) ** 0.5)
+        self.norm = TorchFrozenBN(cout, gen)
+
+    def forward(self, x):
+        return self.norm(super().forward(x))
+
+
+class TorchD2Bottleneck(torch.nn.Module):
+    def __init__(self, cin, cout, mid, stride, dilation, gen):
+        super().__init__()
+        self.shortcut = TorchConvBN(cin, cout, 1, gen, stride=stride) if cin != cout else None
+        self.conv1 = TorchConvBN(cin, mid, 1, gen)
+        self.conv2 = TorchConvBN(mid, mid, 3, gen, stride=stride, padding=dilation, dilation=dilation)
+        self.conv3 = TorchConvBN(mid, cout, 1, gen)
+
+    def forward(self, x):
+        y = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        y = self.conv3(y)
+        return torch.relu(y + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class TorchDeepLabResNet(torch.nn.Module):
+    """Deep stem (3x3/2 -> 3x3 -> 3x3, FrozenBN + ReLU each, 3x3/2 max-pool) + bottleneck stages;
+    `stages`: per stage (first stride, per-block dilations)."""
+
+    def __init__(self, stem, width, mid, stages, gen):
+        super().__init__()
+        self.stem = torch.nn.Module()
+        self.stem.conv1 = TorchConvBN(3, stem // 2, 3, gen, stride=2, padding=1)
+        self.stem.conv2 = TorchConvBN(stem // 2, stem // 2, 3, gen, padding=1)
+        self.stem.conv3 = TorchConvBN(stem // 2, stem, 3, gen, padding=1)
+        cin = stem
+        for i, (stride, dilations) in enumerate(stages):
+            blocks = [TorchD2Bottleneck(cin if b == 0 else width, width, mid, stride if b == 0 else 1, d, gen)
+                      for b, d in enumerate(dilations)]
+            setattr(self, f"res{i + 2}", torch.nn.Sequential(*blocks))
+            cin, width, mid = width, width * 2, mid * 2
+
+    def forward(self, x):
+        for conv in (self.stem.conv1, self.stem.conv2, self.stem.conv3):
+            x = torch.relu(conv(x))
+        x = torch.nn.functional.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        outs = []
+        for i in range(4):
+            x = getattr(self, f"res{i + 2}")(x)
+            outs.append(x.numpy())
+        return outs
+
+
+RESNET_IMAGES = np.random.RandomState(2).randn(2, 3, 45, 61).astype(np.float32)
+
+
+def _resnet_outputs(model, images=RESNET_IMAGES):
+    out = model(jnp.asarray(images.transpose(0, 2, 3, 1)))
+    return [_nchw(out[k]) for k in ("res2", "res3", "res4", "res5")]
+
+
+@pytest.mark.parametrize("res5_dilation, stages", [
+    # R101c: res5 multi-grid (1, 2, 4) at dilation 1 keeps stride 2 (output stride 32).
+    (1, [(1, [1, 1]), (2, [1]), (2, [1]), (2, [1, 2, 4])]),
+    # res5 dilation 2: no downsampling in res5, dilations 2 x multi-grid (output stride 16).
+    (2, [(1, [1, 1]), (2, [1]), (2, [1]), (1, [2, 4, 8])]),
+])
+def test_resnet_r101c_matches_torch_reference_from_detectron2_pkl(tmp_path, res5_dilation, stages):
+    import pickle
+
+    gen = torch.Generator().manual_seed(res5_dilation)
+    ref = TorchDeepLabResNet(16, 32, 8, stages, gen).eval()
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(RESNET_IMAGES))
+    path = tmp_path / "R-103.pkl"  # detectron2 layout: numpy arrays under "model"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _state(ref), "__author__": "test", "matching_heuristics": True}, f)
+    cfg = ResNetConfig.r101c(num_blocks=(2, 1, 1, 3), stem_out_channels=16, res2_out_channels=32,
+                             width_per_group=8, res5_dilation=res5_dilation)
+    model = ResNet(cfg, rngs=nnx.Rngs(0))
+    load_backbone_weights(model, read_state_dict(path), source=str(path))
+    got = _resnet_outputs(model)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        np.testing.assert_allclose(g, e, atol=TOL, rtol=0)
+    assert got[3].shape[2:] == ((2, 2) if res5_dilation == 1 else (3, 4))  # from 45x61
+    assert model.out_channels == {"res2": 32, "res3": 64, "res4": 128, "res5": 256}
+    assert model.strides["res5"] == (32 if res5_dilation == 1 else 16)
+
+
+class TorchvisionBottleneck(torch.nn.Module):
+    """torchvision's Bottleneck (v1.5: stride in the 3x3), eval-mode BatchNorm2d."""
+
+    def __init__(self, cin, cout, mid, stride, gen):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(mid)
+        self.conv2 = torch.nn.Conv2d(mid, mid, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(mid)
+        self.conv3 = torch.nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn3 = torch.nn.BatchNorm2d(cout)
+        self.downsample = (torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                                               torch.nn.BatchNorm2d(cout)) if cin != cout else None)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchvisionResNet(torch.nn.Module):
+    def __init__(self, blocks, gen):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(16)
+        cin, width, mid = 16, 32, 8
+        for i, n in enumerate(blocks):
+            stride = 1 if i == 0 else 2
+            setattr(self, f"layer{i + 1}", torch.nn.Sequential(*[
+                TorchvisionBottleneck(cin if b == 0 else width, width, mid, stride if b == 0 else 1, gen)
+                for b in range(n)]))
+            cin, width, mid = width, width * 2, mid * 2
+        self.fc = torch.nn.Linear(cin, 10)
+        for m in self.modules():  # random BN statistics; eval mode uses them
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.nn.functional.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        outs = []
+        for i in range(4):
+            x = getattr(self, f"layer{i + 1}")(x)
+            outs.append(x.numpy())
+        return outs
+
+
+@pytest.fixture(scope="module")
+def torchvision_resnet():
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    ref = _perturb(TorchvisionResNet((2, 1, 1, 1), gen), 6)
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(RESNET_IMAGES))
+    return _state(ref), expected
+
+
+def test_resnet_basic_stem_matches_torchvision_layout(torchvision_resnet):
+    state, expected = torchvision_resnet
+    assert "layer1.0.bn1.num_batches_tracked" in state and "fc.weight" in state
+    cfg = ResNetConfig(num_blocks=(2, 1, 1, 1), stem_type="basic", stem_out_channels=16,
+                       res2_out_channels=32, width_per_group=8)
+    model = ResNet(cfg, rngs=nnx.Rngs(0))
+    load_backbone_weights(model, state, source="resnet.pth")
+    for g, e in zip(_resnet_outputs(model), expected):
+        np.testing.assert_allclose(g, e, atol=TOL, rtol=0)
+
+
+def test_resnet_torchvision_into_deep_stem_needs_stages_only(torchvision_resnet):
+    state, _ = torchvision_resnet
+    cfg = ResNetConfig.tiny_test(num_blocks=(2, 1, 1, 1))
+    model = ResNet(cfg, rngs=nnx.Rngs(0))
+    with pytest.raises(CheckpointError, match=r"resnet\.pth: .*7x7.*stages_only=True"):
+        load_backbone_weights(model, state, source="resnet.pth")
+    stem_before = np.asarray(model.stem.conv2.kernel[...])
+    load_backbone_weights(model, state, source="resnet.pth", stages_only=True)
+    np.testing.assert_array_equal(model.stem.conv2.kernel[...], stem_before)
+    np.testing.assert_array_equal(np.asarray(model.res3[0].conv2.kernel[...]),
+                                  state["layer2.0.conv2.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(np.asarray(model.res2[1].conv1.norm.running_var[...]),
+                                  state["layer1.1.bn1.running_var"])
+
+
+def test_resnet_frozen_bn_is_not_a_param_and_round_trips():
+    model = ResNet(ResNetConfig.tiny_test(), rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    frozen = nnx.state(model, FrozenStat)
+    param_keys = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(params)}
+    frozen_keys = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(frozen)}
+    assert "res2.0.conv1.kernel" in param_keys and not any("norm" in k for k in param_keys)
+    assert "stem.conv1.norm.running_mean" in frozen_keys and "res5.0.shortcut.norm.weight" in frozen_keys
+    state = nnx_to_torch(model)
+    assert "res2.0.conv1.norm.running_var" in state and "res2.0.shortcut.weight" in state
+    fresh = ResNet(ResNetConfig.tiny_test(), rngs=nnx.Rngs(1))
+    load_backbone_weights(fresh, {f"backbone.{k}": v for k, v in state.items()})
+    for k, v in nnx_to_torch(fresh).items():
+        np.testing.assert_array_equal(v, state[k], err_msg=k)
+    with pytest.raises(CheckpointError, match=r"missing.*res3\.0\.conv2\.norm\.running_mean"):
+        load_backbone_weights(fresh, {k: v for k, v in state.items()
+                                      if k != "res3.0.conv2.norm.running_mean"}, source="r.pkl")
+
+
+def test_build_backbone_presets_and_errors():
+    swin = nnx.eval_shape(lambda: build_backbone("swin", rngs=nnx.Rngs(0)))
+    assert swin.out_channels == {"res2": 128, "res3": 256, "res4": 512, "res5": 1024}
+    assert len(swin.layers[2].blocks) == 18 and swin.layers[2].blocks[1].shift == 6
+    assert swin.layers[0].blocks[0].attn.relative_position_bias_table.shape == (529, 4)
+    resnet = nnx.eval_shape(lambda: build_backbone("resnet", rngs=nnx.Rngs(0)))
+    assert resnet.out_channels == {"res2": 256, "res3": 512, "res4": 1024, "res5": 2048}
+    assert resnet.strides == {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+    assert len(resnet.res4) == 23 and resnet.res5[2].conv2.dilation == 4
+    assert resnet.stem.conv1.kernel.shape == (3, 3, 3, 64) and resnet.stem.conv3.kernel.shape[-1] == 128
+    with pytest.raises(TypeError, match="ResNetConfig"):
+        build_backbone("resnet", SwinConfig.tiny_test(), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("vit", rngs=nnx.Rngs(0))

@@ -12,7 +12,8 @@ are dropped. The other layouts are rename tables:
 | torchvision `resnet*` state dict         | `resnet_from_torchvision`    |
 
 `load_backbone_weights(model, state)` detects the layout, converts and loads, raising
-`CheckpointError` with every missing / unexpected key and bad shape.
+`CheckpointError` with every missing / unexpected key and bad shape. torchvision's single 7x7
+stem does not fit R101c's deep stem: that is an error unless `stages_only=True`.
 """
 
 from __future__ import annotations
@@ -32,20 +33,22 @@ _SWIN_UNUSED = re.compile(r"(^head\..*|^norm\.(weight|bias)$|.*\.relative_positi
                           r".*\.attn_mask$)")
 
 
-def _unwrap(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    """Keep a `{"model": {...}}` wrapper's content and strip a common `prefix` if every key has it."""
+def _unwrap(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Unwrap `{"model": {...}}` (nested, or flattened to `model.` keys) and a `backbone.` prefix
+    (detectron2 / OVSeg checkpoints) when every key has it."""
     if "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
-    keys = list(state)
-    if keys and all(k.startswith(prefix) for k in keys):
-        return {k[len(prefix):]: v for k, v in state.items()}
-    return dict(state)
+    state = dict(state)
+    for prefix in ("model.", "backbone."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
 
 
 def swin_from_official(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Official Swin / MaskFormer (`backbone.` prefix allowed) state dict -> our names: drops
     `head.*`, the final `norm.*`, `relative_position_index` and `attn_mask` buffers."""
-    return {k: v for k, v in _unwrap(state, "backbone.").items() if not _SWIN_UNUSED.match(k)}
+    return {k: v for k, v in _unwrap(state).items() if not _SWIN_UNUSED.match(k)}
 
 
 # (transformers block-relative name, our block-relative name); both the 5.x (`q_proj`) and the
@@ -125,3 +128,96 @@ def swin_from_transformers(state: Mapping[str, np.ndarray]) -> dict[str, np.ndar
         out[stem + kind] = np.concatenate([parts["q"], parts["k"], parts["v"]], axis=0)
     return out
 
+
+
+# -------------------------------------------------------------------------------------- ResNet
+
+_BN_STATS_UNUSED = re.compile(r".*\.num_batches_tracked$")
+
+
+def resnet_from_detectron2(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """detectron2 ResNet (`.pkl` `{"model": ...}` or a `backbone.`-prefixed OVSeg dict) -> our
+    names (identical): drops `num_batches_tracked` and a classifier `linear.*` / `fc.*`."""
+    return {k: v for k, v in _unwrap(state).items()
+            if not (_BN_STATS_UNUSED.match(k) or k.startswith(("linear.", "fc.")))}
+
+
+def resnet_from_torchvision(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """torchvision `resnet*` -> detectron2 names (as detectron2's `convert-torchvision-to-d2.py`):
+    `conv1`/`bn1` -> `stem.conv1`/`stem.conv1.norm`, `layerN` -> `res{N+1}`, `bnK` -> `convK.norm`,
+    `downsample.0/1` -> `shortcut`/`shortcut.norm`; `fc.*` and `num_batches_tracked` dropped.
+    The stem is torchvision's single 7x7 conv: it fits `stem_type="basic"` only."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        if _BN_STATS_UNUSED.match(key) or key.startswith("fc."):
+            continue
+        m = re.fullmatch(r"(conv1|bn1)\.(.+)", key)
+        if m:
+            out[("stem.conv1." if m[1] == "conv1" else "stem.conv1.norm.") + m[2]] = value
+            continue
+        m = re.fullmatch(r"layer(\d)\.(\d+)\.(.+)", key)
+        if not m:
+            out[key] = value
+            continue
+        stem, rest = f"res{int(m[1]) + 1}.{m[2]}.", m[3]
+        rest = re.sub(r"^bn(\d)\.", r"conv\1.norm.", rest)
+        rest = re.sub(r"^downsample\.0\.", "shortcut.", rest)
+        rest = re.sub(r"^downsample\.1\.", "shortcut.norm.", rest)
+        out[stem + rest] = value
+    return out
+
+
+def _is_torchvision(state: Mapping[str, np.ndarray]) -> bool:
+    return any(k.startswith(("layer1.", "bn1.")) for k in state)
+
+
+def _is_transformers_swin(state: Mapping[str, np.ndarray]) -> bool:
+    return any(k.startswith("hidden_states_norms.") or ".encoder.layers." in k
+               or k.startswith("encoder.layers.") for k in state)
+
+
+# Parameters of a deep-stem ResNet whose shapes depend on the stem (left at init by stages_only).
+_STEM_DEPENDENT = ("stem.", "res2.0.conv1.", "res2.0.shortcut.")
+
+
+def load_backbone_weights(model, state: Mapping[str, np.ndarray], *, source: str = "checkpoint",
+                          stages_only: bool = False) -> None:
+    """Load a backbone checkpoint of any supported layout into `model` (`SwinTransformer` or
+    `ResNet`) in place; raises `CheckpointError` listing missing / unexpected keys and bad shapes.
+
+    `stages_only` (ResNet only): load a 7x7-stem (torchvision / detectron2 basic) checkpoint into
+    a deep-stem ResNet: `stem.*`, `res2.0.conv1` and `res2.0.shortcut` (whose input width is the
+    stem's) keep their initial values; everything else must fit.
+    """
+    from ovseg_jax.models.resnet import ResNet  # noqa: PLC0415
+    from ovseg_jax.models.swin import SwinTransformer  # noqa: PLC0415
+
+    state = _unwrap(state)
+    if isinstance(model, SwinTransformer):
+        if stages_only:
+            raise ValueError("stages_only applies to ResNet backbones only")
+        converted = (swin_from_transformers(state) if _is_transformers_swin(state)
+                     else swin_from_official(state))
+        torch_to_nnx(converted, model, source=source)
+        return
+    if not isinstance(model, ResNet):
+        raise TypeError(f"load_backbone_weights: expected SwinTransformer or ResNet, got {type(model).__name__}")
+    converted = (resnet_from_torchvision(state) if _is_torchvision(state)
+                 else resnet_from_detectron2(state))
+    stem = converted.get("stem.conv1.weight")
+    basic_file = stem is not None and stem.shape[-1] == 7
+    deep_model = model.config.stem_type == "deeplab"
+    ignore: tuple[str, ...] = ()
+    if stages_only:
+        if not (basic_file and deep_model):
+            raise CheckpointError(f"{source}: stages_only is for loading a 7x7-stem checkpoint into a "
+                                  "deep-stem (stem_type='deeplab') ResNet; this one fits as is")
+        converted = {k: v for k, v in converted.items() if not k.startswith(_STEM_DEPENDENT)}
+        ignore = _STEM_DEPENDENT
+    elif basic_file and deep_model:
+        raise CheckpointError(
+            f"{source}: the checkpoint has a single 7x7-conv stem (torchvision / detectron2 basic "
+            "ResNet) but the model uses the 3-conv deep stem (R101c, stem_type='deeplab'). Use "
+            "detectron2's deep-stem weights (R-103.pkl), build the model with stem_type='basic' "
+            "and stem_out_channels=64, or pass stages_only=True to load only the stages.")
+    torch_to_nnx(converted, model, source=source, ignore_missing=ignore)
