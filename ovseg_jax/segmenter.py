@@ -1,0 +1,235 @@
+"""Public segmenter API: build the MaskFormer segmenter from checkpoints users have, export it back.
+
+    segmenter, config = ovseg_jax.segmenter.load("ovseg_swinbase_vitL14_ft_mpt.pth")
+    out = segmenter(normalize_images(images), text_bank)    # see models/maskformer.Segmenter
+    ovseg_jax.segmenter.export(segmenter, "segmenter.pth", clip=clip)
+
+Accepted by `load(path)`:
+- an OVSeg checkpoint (reference 6.1): `.pth`/`.pkl`/`.safetensors` with `backbone.*`,
+  `sem_seg_head.*` and `clip_adapter.non_object_embedding` (detectron2's `{"model": ...}` wrapper
+  or flat). Its CLIP (`clip_adapter.clip_model.*`) is ignored here: load it with `ovseg_jax.clip.load`.
+- a transformers MaskFormer directory (config.json + model.safetensors / pytorch_model.bin) with a
+  Swin backbone. Its closed-vocabulary `class_predictor` is dropped; the open-vocabulary head
+  (`class_embed`, `non_object_embedding`) starts from a fresh initialisation.
+- backbone-only initialisation files (official Swin `model` dict, transformers Swin, detectron2 /
+  torchvision ResNet): the backbone is loaded, everything else is freshly initialised.
+The architecture is read off the weights (plus a `<path>.ovseg_jax.json` sidecar written by
+`export` when the weights alone do not determine it), or given with `config=`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ovseg_jax.convert import backbone_keys, segmenter_keys as keys
+from ovseg_jax.convert.params import nnx_to_torch, torch_to_nnx
+from ovseg_jax.convert.torch_io import (CheckpointError, read_json, read_safetensors, read_state_dict,
+                                        write_safetensors, write_torch_file)
+from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig
+from ovseg_jax.models.swin import relative_position_index
+
+log = logging.getLogger(__name__)
+
+__all__ = ["load", "export", "CheckpointError"]
+
+_SIDECAR_SUFFIX = ".ovseg_jax.json"
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # x255 as OVSeg's clip_adapter.pixel_mean
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _strip_model_wrapper(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """detectron2 files are `{"model": {...}}` (flattened to `model.*` keys); drop the wrapper and
+    any non-tensor siblings (`iteration`, ...)."""
+    inner = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    if len(inner) == len(state) or keys.OVSEG_ANCHOR in inner:
+        return inner
+    return state
+
+
+def _backbone_kind(backbone_state: dict[str, np.ndarray]) -> str | None:
+    if "patch_embed.proj.weight" in backbone_state:
+        return "swin"
+    if "stem.conv1.weight" in backbone_state:
+        return "resnet"
+    return None
+
+
+def _read_sidecar(path: Path) -> SegmenterConfig | None:
+    sidecar = Path(str(path) + _SIDECAR_SUFFIX)
+    if not sidecar.is_file():
+        return None
+    try:
+        return SegmenterConfig.from_dict(read_json(sidecar))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{sidecar}: not a segmenter config: {e}") from None
+
+
+def _ovseg_config(head: dict, backbone: dict, source: str) -> SegmenterConfig:
+    kind = _backbone_kind(backbone)
+    if kind == "swin":
+        backbone_config = keys.swin_config_from_state(backbone, source)
+    elif kind == "resnet":
+        backbone_config = keys.resnet_config_from_state(backbone, source)
+    else:
+        raise CheckpointError(f"{source}: no backbone weights found (expected backbone.patch_embed.* for "
+                              "Swin or backbone.stem.* for ResNet)")
+    return SegmenterConfig(backbone=kind, backbone_config=backbone_config,
+                           **keys.head_config_from_state(head, source))
+
+
+def _load_ovseg(state: dict, path: Path, config: SegmenterConfig | None, dtype):
+    head, backbone, other = keys.split_ovseg(state)
+    unexpected = [k for k in other if not k.startswith(keys.OVSEG_OTHER_PREFIXES)]
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected keys in an OVSeg checkpoint ({len(unexpected)}): "
+                              + ", ".join(sorted(unexpected)[:20]))
+    config = config or _read_sidecar(path) or _ovseg_config(head, backbone, str(path))
+    model = Segmenter(config, dtype=dtype, rngs=nnx.Rngs(0))
+    converted = _backbone_to_ours(config.backbone, backbone)
+    torch_to_nnx({**{"backbone." + k: v for k, v in converted.items()}, **head}, model,
+                 source=f"{path} (OVSeg layout)")
+    return model, config
+
+
+def _backbone_to_ours(kind: str, state: dict) -> dict:
+    if kind == "swin":
+        return backbone_keys.swin_from_official(state)
+    return backbone_keys.resnet_from_detectron2(state)
+
+
+def _read_hf_weights(directory: Path) -> dict[str, np.ndarray]:
+    if (directory / "model.safetensors").is_file():
+        return read_safetensors(directory / "model.safetensors")
+    if (directory / "pytorch_model.bin").is_file():
+        return read_state_dict(directory / "pytorch_model.bin")
+    raise CheckpointError(f"{directory}: transformers MaskFormer directory without weights; expected "
+                          "model.safetensors or pytorch_model.bin")
+
+
+def _load_hf(directory: Path, config: SegmenterConfig | None, clip_dim: int, dtype):
+    cfg_file = directory / "config.json"
+    hf = read_json(cfg_file)
+    if hf.get("model_type") != "maskformer":
+        raise CheckpointError(f"{cfg_file}: model_type {hf.get('model_type')!r}; expected a transformers "
+                              "'maskformer' checkpoint")
+    if config is None:
+        backbone_config = keys.swin_config_from_hf(hf.get("backbone_config") or {}, str(cfg_file))
+        config = SegmenterConfig(backbone="swin", backbone_config=backbone_config, clip_dim=clip_dim,
+                                 **keys.head_config_from_hf(hf))
+    state = _read_hf_weights(directory)
+    head, backbone = keys.hf_maskformer_to_ours(state, num_features=4, source=str(directory))
+    model = Segmenter(config, dtype=dtype, rngs=nnx.Rngs(0))
+    converted = backbone_keys.swin_from_transformers(backbone)
+    torch_to_nnx({**{"backbone." + k: v for k, v in converted.items()}, **head}, model,
+                 source=f"{directory} (transformers MaskFormer)",
+                 ignore_missing=("class_embed.", "non_object_embedding"))
+    log.info("%s: closed-vocabulary class_predictor dropped; class_embed and non_object_embedding "
+             "freshly initialised (clip_dim %d)", directory, config.clip_dim)
+    return model, config
+
+
+def _backbone_config_from_file(state: dict, path: Path):
+    """(kind, backbone config) of a backbone-only file in any layout `backbone_keys` converts."""
+    for convert in (backbone_keys.swin_from_official, backbone_keys.swin_from_transformers):
+        ours = convert(state)
+        if "patch_embed.proj.weight" in ours:
+            return "swin", keys.swin_config_from_state(ours, str(path))
+    for convert in (backbone_keys.resnet_from_detectron2, backbone_keys.resnet_from_torchvision):
+        ours = convert(state)
+        if "stem.conv1.weight" in ours:
+            return "resnet", keys.resnet_config_from_state(ours, str(path))
+    raise CheckpointError(f"{path}: neither an OVSeg segmenter checkpoint (no {keys.OVSEG_ANCHOR}) nor a "
+                          f"Swin / ResNet backbone checkpoint; keys start with {sorted(state)[:5]}")
+
+
+def _load_backbone_only(state: dict, path: Path, config: SegmenterConfig | None, clip_dim: int, dtype):
+    if config is None:
+        kind, backbone_config = _backbone_config_from_file(state, path)
+        config = SegmenterConfig(backbone=kind, backbone_config=backbone_config, clip_dim=clip_dim)
+    model = Segmenter(config, dtype=dtype, rngs=nnx.Rngs(0))
+    backbone_keys.load_backbone_weights(model.backbone, state, source=str(path))
+    log.info("%s: backbone initialised from the file; pixel decoder, transformer decoder and heads "
+             "freshly initialised", path)
+    return model, config
+
+
+def load(path: str | os.PathLike, *, config: SegmenterConfig | None = None, clip_dim: int | None = None,
+         dtype=jnp.float32) -> tuple[Segmenter, SegmenterConfig]:
+    """Build a `Segmenter` from a checkpoint (see the module docstring) -> (segmenter, config).
+
+    config: the architecture, instead of reading it off the weights (needed for settings the weights
+        do not show, e.g. decoder heads != 8 or a ResNet's dilations, unless a sidecar has them).
+    clip_dim: width of the open-vocabulary head for files without one (transformers MaskFormer,
+        backbone-only); default 768 (CLIP ViT-L/14). Not allowed together with `config`.
+    dtype: compute dtype; parameters stay float32.
+    """
+    path = Path(path)
+    if config is not None and clip_dim is not None:
+        raise ValueError("pass clip_dim inside config (config.clip_dim), not both")
+    clip_dim = 768 if clip_dim is None else clip_dim
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: a directory must be a transformers MaskFormer checkpoint "
+                                  "(config.json + model.safetensors)")
+        return _load_hf(path, config, clip_dim, dtype)
+    state = _strip_model_wrapper(read_state_dict(path))
+    if keys.OVSEG_ANCHOR in state:
+        return _load_ovseg(state, path, config, dtype)
+    if any(k.startswith("sem_seg_head.") for k in state):
+        raise CheckpointError(f"{path}: has sem_seg_head.* keys but no {keys.OVSEG_ANCHOR}: not a MaskFormer/"
+                              "OVSeg segmenter checkpoint this loader knows")
+    return _load_backbone_only(state, path, config, clip_dim, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def ovseg_state_dict(segmenter: Segmenter, clip=None) -> dict[str, np.ndarray]:
+    """The segmenter's parameters under OVSeg key names (reference 6.1), float32, plus Swin's
+    `relative_position_index` buffers; with `clip` (an `ovseg_jax.clip.Clip` or `CLIP`) also
+    `clip_adapter.clip_model.*` and the CLIP pixel statistics, as in a released checkpoint."""
+    state = keys.to_ovseg(nnx_to_torch(segmenter))
+    bc = segmenter.config.backbone_config
+    if segmenter.config.backbone == "swin":
+        index = relative_position_index(bc.window_size).astype(np.int64)
+        for i, depth in enumerate(bc.depths):
+            for j in range(depth):
+                state[f"backbone.layers.{i}.blocks.{j}.attn.relative_position_index"] = index
+    if clip is not None:
+        from ovseg_jax.clip import openai_state_dict  # noqa: PLC0415
+
+        state.update({f"clip_adapter.clip_model.{k}": v for k, v in openai_state_dict(clip).items()})
+        state["clip_adapter.pixel_mean"] = (255 * np.asarray(_CLIP_MEAN, np.float32)).reshape(1, 3, 1, 1)
+        state["clip_adapter.pixel_std"] = (255 * np.asarray(_CLIP_STD, np.float32)).reshape(1, 3, 1, 1)
+    return state
+
+
+def export(segmenter: Segmenter, path: str | os.PathLike, *, clip=None) -> Path:
+    """Write `segmenter` in the OVSeg layout: `.safetensors` (flat OVSeg names) by extension, else a
+    detectron2-style `torch.save({"model": {...}})` file (needs torch). With `clip`, the CLIP goes in
+    as `clip_adapter.clip_model.*` (see `ovseg_state_dict`). When the weights alone do not determine
+    the architecture (e.g. decoder heads != 8), a sidecar `<path>.ovseg_jax.json` records it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = ovseg_state_dict(segmenter, clip)
+    if path.suffix == ".safetensors":
+        write_safetensors(state, path, metadata={"format": "pt"})
+    else:
+        write_torch_file({"model": state}, path)
+    head, backbone, _ = keys.split_ovseg(state)
+    sidecar = Path(str(path) + _SIDECAR_SUFFIX)
+    if _ovseg_config(head, backbone, str(path)) != segmenter.config:
+        sidecar.write_text(json.dumps(segmenter.config.to_dict(), indent=1))
+    elif sidecar.exists():
+        sidecar.unlink()
+    return path
