@@ -118,6 +118,16 @@ def test_swin_absolute_position_embedding_is_resized_bicubic():
         np.testing.assert_allclose(_nchw(out[key]), r, atol=TOL, rtol=0)
 
 
+def test_swin_bfloat16_compute_stays_close(swin):
+    model = SwinTransformer(SwinConfig(**SWIN_KW, drop_path_rate=0.2), dtype=jnp.bfloat16,
+                            rngs=nnx.Rngs(0))
+    nnx.update(model, nnx.state(swin))
+    x = jnp.asarray(IMAGES.transpose(0, 2, 3, 1))
+    low, full = model(x)["res5"], swin(x)["res5"]
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(low, np.float32), np.asarray(full), atol=0.15, rtol=0.05)
+
+
 def test_swin_stochastic_depth(swin):
     rates = [b.drop_path_rate for layer in swin.layers for b in layer.blocks]
     np.testing.assert_allclose(rates, torch.linspace(0, 0.2, 5).numpy(), rtol=1e-6)
@@ -151,6 +161,22 @@ def test_swin_official_layout_round_trip(swin):
     assert back.keys() == ours.keys()
     for k in ours:
         np.testing.assert_array_equal(back[k], ours[k], err_msg=k)
+
+
+def test_swin_imagenet_classification_checkpoint_initialises_the_backbone(swin):
+    """Official IN-22K files have `head.*`, the final `norm.*`, `attn_mask` buffers and no stage
+    norms; the stage norms then start at weight 1, bias 0."""
+    ours = nnx_to_torch(swin)
+    official = {k: v for k, v in ours.items() if not k.startswith(("norm0", "norm1", "norm2", "norm3"))}
+    official.update({"head.weight": np.zeros((10, 128), np.float32), "norm.bias": np.ones(128, np.float32),
+                     "layers.0.blocks.0.attn.relative_position_index": np.zeros((9, 9), np.int64)})
+    fresh = SwinTransformer(SwinConfig(**SWIN_KW), rngs=nnx.Rngs(3))
+    load_backbone_weights(fresh, {"model": official}, source="swin_base_patch4_window12_384_22k.pth")
+    back = nnx_to_torch(fresh)
+    for k in official.keys() & back.keys():
+        np.testing.assert_array_equal(back[k], official[k], err_msg=k)
+    np.testing.assert_array_equal(back["norm2.weight"], np.ones(64, np.float32))
+    np.testing.assert_array_equal(back["norm2.bias"], np.zeros(64, np.float32))
 
 
 def test_swin_checkpoint_errors_name_the_keys(swin):

@@ -185,6 +185,9 @@ def load_backbone_weights(model, state: Mapping[str, np.ndarray], *, source: str
     """Load a backbone checkpoint of any supported layout into `model` (`SwinTransformer` or
     `ResNet`) in place; raises `CheckpointError` listing missing / unexpected keys and bad shapes.
 
+    A Swin checkpoint without any stage norm `norm{i}` (an official ImageNet classification
+    checkpoint) leaves them at their initial values (weight 1, bias 0).
+
     `stages_only` (ResNet only): load a 7x7-stem (torchvision / detectron2 basic) checkpoint into
     a deep-stem ResNet: `stem.*`, `res2.0.conv1` and `res2.0.shortcut` (whose input width is the
     stem's) keep their initial values; everything else must fit.
@@ -198,7 +201,11 @@ def load_backbone_weights(model, state: Mapping[str, np.ndarray], *, source: str
             raise ValueError("stages_only applies to ResNet backbones only")
         converted = (swin_from_transformers(state) if _is_transformers_swin(state)
                      else swin_from_official(state))
-        torch_to_nnx(converted, model, source=source)
+        # An ImageNet classification checkpoint has no stage norms: they start at 1 / 0, as
+        # detectron2 leaves them when it initialises OVSeg from one.
+        has_stage_norms = any(re.match(r"norm\d\.", k) for k in converted)
+        ignore = () if has_stage_norms else tuple(f"norm{i}." for i in range(len(model.layers)))
+        torch_to_nnx(converted, model, source=source, ignore_missing=ignore)
         return
     if not isinstance(model, ResNet):
         raise TypeError(f"load_backbone_weights: expected SwinTransformer or ResNet, got {type(model).__name__}")
