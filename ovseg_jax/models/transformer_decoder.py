@@ -103,6 +103,13 @@ class TransformerDecoder(nnx.Module):
         self.layers = nnx.List([DecoderLayer(dim, heads, ffn_dim, dropout, dtype=dtype, rngs=rngs)
                                 for _ in range(num_layers)])
         self.norm = layer_norm(dim, dtype=dtype, rngs=rngs)
+        # DETR's Transformer._reset_parameters: xavier_uniform on every matrix of the layers.
+        state = nnx.state(self.layers, nnx.Param)
+        flat = dict(nnx.to_flat_state(state))
+        for var in flat.values():
+            if var[...].ndim == 2:
+                var[...] = nnx.initializers.xavier_uniform()(rngs.params(), var[...].shape)
+        nnx.update(self.layers, nnx.from_flat_state(flat))
 
     def __call__(self, features: jax.Array, *, deterministic: bool = True,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
