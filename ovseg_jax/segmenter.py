@@ -107,10 +107,16 @@ def _backbone_to_ours(kind: str, state: dict) -> dict:
 def _read_hf_weights(directory: Path) -> dict[str, np.ndarray]:
     if (directory / "model.safetensors").is_file():
         return read_safetensors(directory / "model.safetensors")
+    if (directory / "model.safetensors.index.json").is_file():
+        index = read_json(directory / "model.safetensors.index.json")
+        state = {}
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            state.update(read_safetensors(directory / shard))
+        return state
     if (directory / "pytorch_model.bin").is_file():
         return read_state_dict(directory / "pytorch_model.bin")
     raise CheckpointError(f"{directory}: transformers MaskFormer directory without weights; expected "
-                          "model.safetensors or pytorch_model.bin")
+                          "model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
 def _load_hf(directory: Path, config: SegmenterConfig | None, clip_dim: int, dtype):
@@ -146,7 +152,8 @@ def _backbone_config_from_file(state: dict, path: Path):
         if "stem.conv1.weight" in ours:
             return "resnet", keys.resnet_config_from_state(ours, str(path))
     raise CheckpointError(f"{path}: neither an OVSeg segmenter checkpoint (no {keys.OVSEG_ANCHOR}) nor a "
-                          f"Swin / ResNet backbone checkpoint; keys start with {sorted(state)[:5]}")
+                          f"Swin / ResNet backbone checkpoint (for a transformers MaskFormer, pass its directory); "
+                          f"keys start with {sorted(state)[:5]}")
 
 
 def _load_backbone_only(state: dict, path: Path, config: SegmenterConfig | None, clip_dim: int, dtype):

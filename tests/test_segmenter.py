@@ -336,6 +336,16 @@ def test_resnet_segmenter_ovseg_round_trip(tmp_path):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_bfloat16_compute_stays_close_to_float32(hf_dir, ours, images, text_bank):
+    from ovseg_jax.segmenter import load
+
+    model, _ = load(hf_dir, clip_dim=CLIP_DIM, dtype=jnp.bfloat16)
+    _, _, out = _run(model, images, text_bank)
+    assert out["pred_masks"].dtype == np.float32 and out["pred_logits"].dtype == np.float32
+    scale = np.abs(ours[2]["pred_masks"]).max()
+    assert np.abs(out["pred_masks"] - ours[2]["pred_masks"]).max() < 0.05 * scale
+
+
 def test_normalize_images():
     from ovseg_jax.models.maskformer import normalize_images
 
