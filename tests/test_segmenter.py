@@ -299,12 +299,14 @@ def test_safetensors_export_loads_back(segmenter, tmp_path):
 
 
 def test_backbone_only_file_initialises_the_backbone(segmenter, tmp_path):
-    """An official-Swin `{"model": ...}` file (with its classifier and buffers) initialises only the backbone."""
+    """An official ImageNet Swin `{"model": ...}` file (classifier, final norm, buffers, no stage
+    norms) initialises only the backbone; the stage norms start at 1 / 0."""
     from ovseg_jax.convert.params import nnx_to_torch
     from ovseg_jax.segmenter import load
 
     backbone = nnx_to_torch(segmenter.backbone)
-    official = {**backbone, "norm.weight": np.ones(128, np.float32), "norm.bias": np.zeros(128, np.float32),
+    stages = {k: v for k, v in backbone.items() if not k.startswith("norm")}
+    official = {**stages, "norm.weight": np.ones(128, np.float32), "norm.bias": np.zeros(128, np.float32),
                 "head.weight": np.zeros((10, 128), np.float32), "head.bias": np.zeros(10, np.float32),
                 "layers.0.blocks.0.attn.relative_position_index": np.zeros((9, 9), np.int64)}
     torch.save({"model": {k: torch.from_numpy(np.asarray(v)) for k, v in official.items()}}, tmp_path / "swin.pth")
@@ -312,7 +314,8 @@ def test_backbone_only_file_initialises_the_backbone(segmenter, tmp_path):
     expected = segmenter.config.backbone_config.replace(drop_path_rate=config.backbone_config.drop_path_rate)
     assert config.backbone_config == expected and config.clip_dim == CLIP_DIM and config.num_queries == 100
     loaded = nnx_to_torch(model.backbone)
-    assert loaded.keys() == backbone.keys() and all(np.array_equal(loaded[k], backbone[k]) for k in backbone)
+    assert loaded.keys() == backbone.keys() and all(np.array_equal(loaded[k], stages[k]) for k in stages)
+    assert all(np.all(loaded[f"norm{i}.weight"] == 1) and np.all(loaded[f"norm{i}.bias"] == 0) for i in range(4))
 
 
 def test_resnet_segmenter_ovseg_round_trip(tmp_path):

@@ -178,7 +178,9 @@ def swin_config_from_state(state: Mapping[str, np.ndarray], source: str) -> Swin
                       patch_size=patch, window_size=window, mlp_ratio=fc1.shape[0] / embed_dim,
                       qkv_bias="layers.0.blocks.0.attn.qkv.bias" in state,
                       patch_norm="patch_embed.norm.weight" in state,
-                      out_indices=tuple(i for i in range(stages) if f"norm{i}.weight" in state),
+                      # ImageNet classification checkpoints have no stage norms: all four stages
+                      out_indices=tuple(i for i in range(stages) if f"norm{i}.weight" in state)
+                      or tuple(range(stages)),
                       **extra).validate()
 
 
