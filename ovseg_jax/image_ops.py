@@ -88,12 +88,15 @@ def resize(x: jax.Array, out_hw: tuple[int, int], mode: str, axes: tuple[int, in
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
     y = x.astype(dtype)
     # Equal sizes are an identity in every mode (the cubic weights are [0, 1, 0, 0] at t=0).
-    if in_h != out_h:
-        wh = jnp.asarray(interpolation_matrix(in_h, out_h, mode), dtype)
-        y = jnp.moveaxis(jnp.tensordot(wh, y, axes=([1], [ax_h]), precision="highest"), 0, ax_h)
-    if in_w != out_w:
-        ww = jnp.asarray(interpolation_matrix(in_w, out_w, mode), dtype)
-        y = jnp.moveaxis(jnp.tensordot(ww, y, axes=([1], [ax_w]), precision="highest"), 0, ax_w)
+    for axis, n_in, n_out in ((ax_h, in_h, out_h), (ax_w, in_w, out_w)):
+        if n_in == n_out:
+            continue
+        matrix = interpolation_matrix(n_in, n_out, mode)
+        if mode == "nearest":  # a gather of source indices: exact and cheap
+            y = jnp.take(y, np.argmax(matrix, axis=1), axis=axis)
+        else:
+            y = jnp.moveaxis(jnp.tensordot(jnp.asarray(matrix, dtype), y, axes=([1], [axis]),
+                                           precision="highest"), 0, axis)
     return y
 
 

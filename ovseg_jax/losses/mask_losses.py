@@ -1,0 +1,98 @@
+"""MaskFormer set-prediction losses with deep supervision (reference 3.3), fully on device.
+
+For the final decoder output and each auxiliary one: Hungarian matching on the cost of reference
+3.2 (no gradient), then
+- `loss_ce`: cross-entropy over all queries, unmatched ones target the non-object class (the last
+  logit), class weight `no_object_weight` for it, torch's weighted-mean reduction;
+- `loss_mask`: sigmoid focal loss (alpha 0.25, gamma 2) of each matched mask, upsampled bilinearly
+  to the target resolution, mean over pixels, summed over matches / `num_masks`;
+- `loss_dice`: dice loss of each matched mask, summed / `num_masks`;
+with `num_masks` = the number of valid ground-truth masks in the batch (at least 1).
+
+Called under `jax.jit` on global (sharded) arrays, every sum over the batch axis is a sum over the
+global batch, which is what the original's all-reduced `num_masks` plus DDP gradient averaging
+amounts to. (The CE's weighted mean is likewise taken over the global batch, where DDP averages
+per-device weighted means; the two agree when the devices hold equal numbers of matches.) Inside
+`shard_map` pass `axis_name` to `psum` the sums instead.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ovseg_jax.image_ops import resize_bilinear
+from ovseg_jax.losses.matcher import LossWeights, hungarian_match, matching_cost
+
+__all__ = ["LossWeights", "maskformer_loss", "sigmoid_focal_loss", "dice_loss"]
+
+
+def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25, gamma: float = 2.0) -> jax.Array:
+    """`[..., P]` logits and 0/1 targets -> `[...]` focal loss, mean over the P pixels."""
+    prob = jax.nn.sigmoid(logits)
+    ce = jax.nn.softplus(logits) - logits * targets  # BCE with logits
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return jnp.mean(alpha_t * ce * (1 - p_t) ** gamma, axis=-1)
+
+
+def dice_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """`[..., P]` logits and 0/1 targets -> `[...]` `1 - (2 Σ σ·t + 1) / (Σ σ + Σ t + 1)`."""
+    prob = jax.nn.sigmoid(logits)
+    numerator = 2 * jnp.sum(prob * targets, axis=-1)
+    return 1 - (numerator + 1) / (jnp.sum(prob, axis=-1) + jnp.sum(targets, axis=-1) + 1)
+
+
+def _psum(x: jax.Array, axis_name: str | None) -> jax.Array:
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _output_losses(pred_logits: jax.Array, pred_masks: jax.Array, targets: dict, weights: LossWeights,
+                   no_object_weight: float, num_masks: jax.Array, axis_name: str | None) -> dict[str, jax.Array]:
+    """Losses of one decoder output: pred_logits `[B, Q, C+1]`, pred_masks `[B, Q, h, w]` logits."""
+    gt_masks, gt_classes, gt_valid = targets["masks"], targets["classes"], targets["valid"]
+    batch, _, num_logits = pred_logits.shape
+    cost = matching_cost(jax.lax.stop_gradient(pred_logits), jax.lax.stop_gradient(pred_masks),
+                         gt_classes, gt_masks, weights)
+    query_index, valid = hungarian_match(cost, gt_valid)
+
+    # Classification: every query, unmatched ones -> non-object (the last logit).
+    no_object = num_logits - 1
+    rows = jnp.arange(batch)[:, None]
+    target_classes = jnp.full(pred_logits.shape[:2], no_object, jnp.int32)
+    target_classes = target_classes.at[rows, query_index].set(jnp.where(valid, gt_classes, no_object))
+    log_probs = jax.nn.log_softmax(pred_logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, target_classes[..., None], axis=-1)[..., 0]
+    class_weight = jnp.where(target_classes == no_object, no_object_weight, 1.0)
+    loss_ce = _psum(jnp.sum(class_weight * nll), axis_name) / _psum(jnp.sum(class_weight), axis_name)
+
+    # Masks: matched predictions upsampled to the target resolution.
+    matched = jnp.take_along_axis(pred_masks, query_index[:, :, None, None], axis=1)  # [B, G, h, w]
+    matched = resize_bilinear(matched.astype(jnp.float32), gt_masks.shape[-2:], axes=(-2, -1))
+    logits = matched.reshape(*matched.shape[:2], -1)
+    target = gt_masks.astype(jnp.float32).reshape(*gt_masks.shape[:2], -1)
+    loss_mask = _psum(jnp.sum(jnp.where(valid, sigmoid_focal_loss(logits, target), 0)), axis_name) / num_masks
+    loss_dice = _psum(jnp.sum(jnp.where(valid, dice_loss(logits, target), 0)), axis_name) / num_masks
+    return {"loss_ce": loss_ce, "loss_mask": loss_mask, "loss_dice": loss_dice}
+
+
+def maskformer_loss(outputs: dict, targets: dict, *, weights: LossWeights = LossWeights(),
+                    no_object_weight: float = 0.1, axis_name: str | None = None) -> tuple[jax.Array, dict]:
+    """Deep-supervised MaskFormer loss -> (weighted total, metrics).
+
+    outputs: the segmenter's `{"pred_logits" [B, Q, C+1], "pred_masks" [B, Q, h, w], "aux": [...]}`.
+    targets: `{"masks": [B, G, H, W] 0/1, "classes": [B, G] int, "valid": [B, G] bool}`.
+    Metrics hold the unweighted terms: `loss_ce`, `loss_mask`, `loss_dice` for the final output and
+    `loss_ce_{i}`, ... for auxiliary output i.
+    """
+    num_masks = jnp.maximum(_psum(jnp.sum(targets["valid"].astype(jnp.float32)), axis_name), 1.0)
+    per_output = [outputs] + list(outputs.get("aux", []))
+    metrics: dict[str, jax.Array] = {}
+    total = jnp.zeros((), jnp.float32)
+    for i, out in enumerate(per_output):
+        suffix = "" if i == 0 else f"_{i - 1}"
+        terms = _output_losses(out["pred_logits"], out["pred_masks"], targets, weights, no_object_weight,
+                               num_masks, axis_name)
+        total += weights.ce * terms["loss_ce"] + weights.mask * terms["loss_mask"] + weights.dice * terms["loss_dice"]
+        metrics.update({k + suffix: v for k, v in terms.items()})
+    return total, metrics

@@ -1,0 +1,129 @@
+"""On-device Hungarian matching against scipy; matching costs and losses against transformers' torch
+MaskFormer matcher and loss (which follow the original's reference 3.2-3.3 conventions)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+from transformers.models.maskformer.modeling_maskformer import (MaskFormerHungarianMatcher, MaskFormerLoss,
+                                                                 pair_wise_dice_loss, pair_wise_sigmoid_focal_loss)
+
+from ovseg_jax.losses.mask_losses import maskformer_loss
+from ovseg_jax.losses.matcher import LossWeights, hungarian_match, matching_cost
+
+TOL = 1e-4
+
+
+def random_costs(rs, batch, queries, gts, kind):
+    if kind == "normal":
+        return rs.randn(batch, queries, gts).astype(np.float32) * 10
+    cost = rs.randint(0, 3, (batch, queries, gts)).astype(np.float32)  # many ties
+    if kind == "duplicates":
+        cost[:, 1] = cost[:, 0]  # identical queries
+        cost[:, :, -1] = cost[:, :, 0]  # identical ground truth
+    return cost
+
+
+@pytest.mark.parametrize("queries,gts,kind", [(10, 4, "normal"), (7, 7, "ties"), (12, 7, "duplicates"),
+                                              (30, 30, "normal"), (9, 1, "ties")])
+def test_hungarian_match_is_optimal(queries, gts, kind):
+    rs = np.random.RandomState(queries * 100 + gts)
+    batch = 250
+    cost = random_costs(rs, batch, queries, gts, kind)
+    valid = rs.rand(batch, gts) > 0.3
+    valid[0] = True  # at least one fully valid and one empty image
+    valid[1] = False
+    index, out_valid = (np.asarray(a) for a in hungarian_match(jnp.asarray(cost), jnp.asarray(valid)))
+    np.testing.assert_array_equal(out_valid, valid)
+    for b in range(batch):
+        assert len(set(index[b].tolist())) == gts, "queries must be distinct"
+        cols = np.flatnonzero(valid[b])
+        if len(cols) == 0:
+            continue
+        sub = cost[b][:, cols]
+        rows, picked = linear_sum_assignment(sub)
+        assert cost[b][index[b, cols], cols].sum() == pytest.approx(sub[rows, picked].sum(), abs=1e-3)
+
+
+def test_hungarian_match_survives_non_finite_costs():
+    cost = np.full((2, 5, 3), np.nan, np.float32)
+    cost[1, 0, 0] = np.inf
+    index, _ = hungarian_match(jnp.asarray(cost), jnp.ones((2, 3), bool))
+    assert all(len(set(row)) == 3 for row in np.asarray(index).tolist())
+
+
+def test_hungarian_match_needs_enough_queries():
+    with pytest.raises(ValueError, match="Q=2 < G=3"):
+        hungarian_match(jnp.zeros((1, 2, 3)), jnp.ones((1, 3), bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# Against transformers' MaskFormer matcher and loss
+
+B, Q, C, G, PRED, FULL = 3, 8, 5, 4, 6, 24
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """Random predictions with aux outputs and padded ground truth (image 2 has no valid mask)."""
+    rs = np.random.RandomState(0)
+    layers = [dict(pred_logits=rs.randn(B, Q, C + 1).astype(np.float32) * 2,
+                   pred_masks=rs.randn(B, Q, PRED, PRED).astype(np.float32) * 3) for _ in range(3)]
+    masks = (rs.rand(B, G, FULL, FULL) > 0.6).astype(np.uint8)
+    classes = rs.randint(0, C, (B, G)).astype(np.int32)
+    valid = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]], bool)
+    masks[~valid] = 0
+    classes[~valid] = 0
+    outputs = {**{k: jnp.asarray(v) for k, v in layers[-1].items()},
+               "aux": [{k: jnp.asarray(v) for k, v in layer.items()} for layer in layers[:-1]]}
+    targets = {"masks": jnp.asarray(masks), "classes": jnp.asarray(classes), "valid": jnp.asarray(valid)}
+    torch_targets = ([torch.from_numpy(masks[b][valid[b]]).float() for b in range(B)],
+                     [torch.from_numpy(classes[b][valid[b]]).long() for b in range(B)])
+    return layers, outputs, targets, torch_targets, valid
+
+
+def test_matching_cost_matches_transformers_terms(problem):
+    layers, outputs, targets, (t_masks, t_classes), valid = problem
+    weights = LossWeights(ce=1.0, mask=20.0, dice=1.0)
+    got = np.asarray(matching_cost(outputs["pred_logits"], outputs["pred_masks"], targets["classes"],
+                                   targets["masks"], weights))
+    for b in range(B):
+        logits = torch.from_numpy(layers[-1]["pred_logits"][b])
+        masks = torch.from_numpy(layers[-1]["pred_masks"][b]).flatten(1)
+        tgt = torch.nn.functional.interpolate(t_masks[b][:, None], size=(PRED, PRED), mode="nearest")[:, 0].flatten(1)
+        ref = (-logits.softmax(-1)[:, t_classes[b]] + 20 * pair_wise_sigmoid_focal_loss(masks, tgt)
+               + pair_wise_dice_loss(masks, tgt))
+        np.testing.assert_allclose(got[b][:, valid[b]], ref.numpy(), atol=TOL)
+
+
+def test_losses_match_transformers(problem):
+    layers, outputs, targets, (t_masks, t_classes), valid = problem
+    matcher = MaskFormerHungarianMatcher(cost_class=1.0, cost_mask=20.0, cost_dice=1.0)
+    criterion = MaskFormerLoss(num_labels=C, matcher=matcher, eos_coef=0.1,
+                               weight_dict={"loss_cross_entropy": 1.0, "loss_mask": 20.0, "loss_dice": 1.0})
+    aux = [{"masks_queries_logits": torch.from_numpy(layer["pred_masks"]),
+            "class_queries_logits": torch.from_numpy(layer["pred_logits"])} for layer in layers[:-1]]
+    ref = criterion(torch.from_numpy(layers[-1]["pred_masks"]), torch.from_numpy(layers[-1]["pred_logits"]),
+                    t_masks, t_classes, auxiliary_predictions=aux)
+    total, metrics = maskformer_loss(outputs, targets, weights=LossWeights(1.0, 20.0, 1.0), no_object_weight=0.1)
+    expected_total = 0.0
+    for suffix in ["", "_0", "_1"]:
+        for ours, theirs, w in [("loss_ce", "loss_cross_entropy", 1.0), ("loss_mask", "loss_mask", 20.0),
+                                ("loss_dice", "loss_dice", 1.0)]:
+            np.testing.assert_allclose(metrics[ours + suffix], ref[theirs + suffix].item(), atol=TOL, rtol=TOL,
+                                       err_msg=ours + suffix)
+            expected_total += w * ref[theirs + suffix].item()
+    assert float(total) == pytest.approx(expected_total, rel=1e-5)
+
+
+def test_loss_gradients_are_finite_and_reach_every_output(problem):
+    import jax
+
+    _, outputs, targets, _, _ = problem
+    grads = jax.grad(lambda o: maskformer_loss(o, targets)[0])(outputs)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.isfinite(np.asarray(leaf)).all(), path
+        assert np.abs(np.asarray(leaf)).sum() > 0, path
