@@ -87,3 +87,44 @@ def clip_pairs_data(path: str, image_size: int = 224) -> ml_collections.ConfigDi
     (the released format) or our JSON-lines pairs; train crops RandomResizedCrop(scale 0.9-1)."""
     return ml_collections.ConfigDict({"kind": "clip_pairs", "path": path, "image_size": image_size,
                                       "num_workers": 8, "seed": 0})
+
+
+# detectron2/MaskFormer (reference 3.4): no weight decay for normalisation layers, the query
+# embedding (nn.Embedding) and Swin's relative-position / absolute-position tables.
+SEGMENTER_NO_DECAY = (r"(^|/)norm\d*/(scale|bias)$|(^|/)query_embed/embedding$"
+                      r"|(^|/)relative_position_bias_table$|(^|/)absolute_pos_embed$")
+SEGMENTER_BACKBONE = r"(^|/)backbone/"
+
+
+def segmenter_optim(lr: float, weight_decay: float, backbone_lr_mult: float, total_steps: int,
+                    warmup_steps: int = 1500) -> ml_collections.ConfigDict:
+    """MaskFormer's AdamW (b=(0.9, 0.999), eps 1e-8), WarmupPolyLR (power 0.9, warmup factor 1e-6)
+    and full-model gradient clipping at global norm 0.01 (reference 3.4)."""
+    return ml_collections.ConfigDict({
+        "lr": lr, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": weight_decay,
+        "schedule": {"kind": "warmup_poly", "warmup_steps": warmup_steps, "total_steps": total_steps,
+                     "power": 0.9, "warmup_factor": 1e-6},
+        "grad_clip_norm": 0.01,
+        "lr_mults": [(SEGMENTER_BACKBONE, backbone_lr_mult)],
+        "wd_mults": [(SEGMENTER_NO_DECAY, 0.0)],
+        "freeze": [],
+        "trainable": None,
+    })
+
+
+def segmenter_training(segmenter: dict, *, clip: ClipConfig, clip_init: str, class_names: list[str],
+                       lr: float, weight_decay: float, backbone_lr_mult: float, total_steps: int,
+                       batch_size: int, warmup_steps: int = 1500) -> ml_collections.ConfigDict:
+    """Segmenter stage (reference 3): `segmenter` is `SegmenterConfig.to_dict()`; the frozen CLIP
+    `clip_init` (architecture `clip`) embeds `class_names` with the ViLD templates."""
+    from ovseg_jax.tasks.segmenter import loss_config  # noqa: PLC0415
+
+    c = base("segmenter")
+    c.model = ml_collections.ConfigDict({
+        "segmenter": segmenter, "clip": dataclasses.asdict(clip), "clip_init": clip_init, "tokenizer": "",
+        "templates": "vild", "class_names": list(class_names)})
+    c.loss = loss_config()
+    c.optim = segmenter_optim(lr, weight_decay, backbone_lr_mult, total_steps, warmup_steps)
+    c.total_steps = total_steps
+    c.batch_size = batch_size
+    return c

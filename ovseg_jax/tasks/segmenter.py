@@ -1,0 +1,137 @@
+"""Segmenter training (reference 3): MaskFormer queries classified against the frozen CLIP text bank
+of the training classes, Hungarian matching and CE / focal / dice losses with deep supervision.
+
+Config fields:
+- `config.model.segmenter`: `SegmenterConfig.to_dict()` (backbone kind + config, decoder sizes,
+  `clip_dim` = the CLIP's embedding width).
+- `config.model.clip_init`: the frozen CLIP that embeds the class names (any checkpoint
+  `ovseg_jax.clip.load` reads, or a CLIP-stage trainer workdir); `config.model.clip` its
+  `ClipConfig` fields when it is a workdir; `config.model.tokenizer` a tokenizer directory or
+  OpenAI BPE file when the checkpoint has none; `config.model.templates` ("vild").
+- `config.model.class_names`: the training classes (e.g. the 171 COCO-Stuff names).
+- `config.init_from`: "" (random init), an OVSeg `.pth`, a backbone-only checkpoint (ImageNet Swin,
+  detectron2 R-101 `.pkl`), a transformers MaskFormer directory, or a segmenter-stage workdir.
+- `config.loss`: `{"ce": 1, "mask": 20, "dice": 1, "no_object": 0.1}` (reference 3.3).
+
+Batches (`ovseg_jax.data`): `{"image": uint8 [B, S, S, 3] (padding 128), "masks": uint8 [B, G, S, S],
+"classes": int32 [B, G], "valid": bool [B, G]}` (other keys are ignored).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from ovseg_jax import checkpoint
+from ovseg_jax.losses.mask_losses import LossWeights, maskformer_loss
+from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig, normalize_images
+
+TARGET_KEYS = ("masks", "classes", "valid")
+
+
+class TextBank(nnx.Variable):
+    """Frozen `[C, D]` unit-norm class embeddings: model state (checkpointed), never trained."""
+
+
+class SegmenterWithTextBank(nnx.Module):
+    """The segmenter plus the text bank of the training classes and the loss weights (static)."""
+
+    def __init__(self, segmenter: Segmenter, text_bank: np.ndarray, loss_weights: LossWeights,
+                 no_object_weight: float):
+        self.segmenter = segmenter
+        self.text_bank = TextBank(jnp.asarray(text_bank, jnp.float32))
+        self.loss_weights = loss_weights
+        self.no_object_weight = no_object_weight
+
+    def __call__(self, images: jax.Array, **kwargs) -> dict:
+        """Normalised images `[B, H, W, 3]` -> the segmenter's outputs over the training classes."""
+        return self.segmenter(images, self.text_bank[...], **kwargs)
+
+
+def model_config(config) -> SegmenterConfig:
+    return SegmenterConfig.from_dict(config.model.segmenter.to_dict())
+
+
+def check_inputs(config) -> None:
+    """Fail early, naming the expected files, when an input of the stage is missing."""
+    for field, what in [("init_from", "segmenter initialisation: an ImageNet Swin-B / detectron2 R-101 "
+                                      "checkpoint, an OVSeg .pth, or a segmenter workdir"),
+                        ("model.clip_init", "the frozen CLIP for the class-name embeddings: OpenAI "
+                                            "ViT-L-14.pt / ViT-B-16.pt, a transformers CLIP directory, "
+                                            "or a CLIP-stage workdir")]:
+        value = config.get(field) if "." not in field else config.model.get(field.split(".")[1])
+        if value and not Path(value).exists():
+            raise FileNotFoundError(f"config.{field}={value!r} does not exist. Expected {what}; "
+                                    "see docs/training.md, 'Inputs'.")
+    if not config.model.get("clip_init"):
+        raise ValueError("config.model.clip_init is required: the CLIP whose text tower embeds the class names")
+    if not list(config.model.get("class_names") or []):
+        raise ValueError("config.model.class_names is empty: the segmenter needs its training classes")
+
+
+def _frozen_clip(config):
+    """The `ovseg_jax.clip.Clip` of `config.model.clip_init` with its tokenizer."""
+    from ovseg_jax.clip import Clip, load  # noqa: PLC0415  (imports transformers' tokenizer code)
+    from ovseg_jax.models.clip import CLIP, ClipConfig  # noqa: PLC0415
+    from ovseg_jax.text import Tokenizer  # noqa: PLC0415
+
+    m = config.model
+    tokenizer = m.get("tokenizer") or None
+    if checkpoint.is_checkpoint_dir(m.clip_init):
+        model = CLIP(ClipConfig(**m.clip.to_dict()), rngs=nnx.Rngs(0))
+        checkpoint.assign_params(model, checkpoint.load_params(m.clip_init), source=m.clip_init)
+        if tokenizer is None:
+            raise ValueError("config.model.tokenizer is required with a workdir as config.model.clip_init")
+        return Clip(model, Tokenizer.load(tokenizer, context_length=model.config.context_length))
+    return load(m.clip_init, mask_prompt_depth=0, tokenizer=tokenizer)
+
+
+def text_bank(config) -> np.ndarray:
+    """`[C, D]` template-ensembled, unit-norm embeddings of `config.model.class_names`."""
+    clip = _frozen_clip(config)
+    names = list(config.model.class_names)
+    return np.asarray(clip.class_embeddings(names, templates=config.model.get("templates", "vild")))
+
+
+def build_model(config, *, dtype, rngs: nnx.Rngs) -> SegmenterWithTextBank:
+    """The segmenter of `config.model.segmenter`, initialised from `config.init_from`, with the text bank."""
+    cfg = model_config(config)
+    init = config.get("init_from") or ""
+    if not init:
+        segmenter = Segmenter(cfg, dtype=dtype, rngs=rngs)
+    elif checkpoint.is_checkpoint_dir(init):
+        segmenter = Segmenter(cfg, dtype=dtype, rngs=rngs)
+        params = {k.removeprefix("segmenter/"): v for k, v in checkpoint.load_params(init).items()}
+        checkpoint.assign_params(segmenter, params, source=init)
+    else:
+        from ovseg_jax.segmenter import load  # noqa: PLC0415
+
+        segmenter, _ = load(init, config=cfg, dtype=dtype)
+    bank = text_bank(config)
+    if bank.shape[1] != cfg.clip_dim:
+        raise ValueError(f"config.model.segmenter.clip_dim={cfg.clip_dim} but the CLIP at "
+                         f"{config.model.clip_init} embeds to {bank.shape[1]}")
+    weights = config.get("loss") or loss_config()
+    return SegmenterWithTextBank(segmenter, bank, LossWeights(ce=weights.ce, mask=weights.mask, dice=weights.dice),
+                                 weights.no_object)
+
+
+def loss(model: SegmenterWithTextBank, batch, rng: jax.Array):
+    """Matched CE / focal / dice over the final and auxiliary decoder outputs -> (loss, metrics)."""
+    outputs = model(normalize_images(batch["image"]), deterministic=False, rngs=nnx.Rngs(dropout=rng))
+    return maskformer_loss(outputs, {k: batch[k] for k in TARGET_KEYS}, weights=model.loss_weights,
+                           no_object_weight=model.no_object_weight)
+
+
+def post_update(params: dict) -> dict:
+    return params
+
+
+def loss_config(ce: float = 1.0, mask: float = 20.0, dice: float = 1.0, no_object: float = 0.1):
+    """Loss weights of reference 3.3 (CE 1, focal 20, dice 1; non-object class weight 0.1)."""
+    return ml_collections.ConfigDict({"ce": ce, "mask": mask, "dice": dice, "no_object": no_object})
