@@ -1,7 +1,14 @@
-"""Training-step throughput: the CLIP fine-tuning step (reference 4.2) of ovseg_jax vs transformers (torch).
+"""Training-step throughput: the CLIP fine-tuning step (reference 4.2) and the segmenter step
+(reference 3) of ovseg_jax vs transformers (torch).
 
     .venv/bin/python bench/train_step.py                          # ViT-B/16, batch 8
     .venv/bin/python bench/train_step.py --model vit_l14 --batch 4 --dtype bfloat16
+    .venv/bin/python bench/train_step.py --model swin_b --batch 2  # segmenter, 640 crops
+
+The segmenter step (Swin-B + 6-layer decoder, 100 queries, 171-class text bank, 20 ground-truth
+masks per image, Hungarian matching and deep-supervised losses on device) is compared with
+transformers' `MaskFormerForInstanceSegmentation` of the same architecture computing its own
+matching (scipy) and loss, AdamW step included.
 
 Random weights, full-size towers (text tower frozen, visual + logit_scale trained with AdamW,
 symmetric contrastive loss over the batch). The torch reference is transformers' `CLIPModel` of
@@ -41,6 +48,11 @@ def random_batch(preset: ClipConfig, batch: int) -> dict[str, np.ndarray]:
 
 def bench_jax(preset: ClipConfig, batch: dict, dtype: str, iters: int) -> dict:
     config = configs.clip_finetune(preset, total_steps=10_000, batch_size=len(batch["image"]))
+    return _time_trainer(config, batch, dtype, iters)
+
+
+def _time_trainer(config, batch: dict, dtype: str, iters: int) -> dict:
+    """Compile the trainer's step for `batch`, then time `iters` steps -> first_s, step_s, flops."""
     config.dtype = dtype
     trainer = Trainer(config)
     gbatch = {k: jax.device_put(v, trainer.batch_sharding) for k, v in batch.items()}
@@ -106,24 +118,116 @@ def bench_torch(preset: ClipConfig, batch: dict, dtype: str, iters: int) -> dict
     return {"first_s": first, "step_s": (time.perf_counter() - t0) / iters}
 
 
+SEG_CLASSES, SEG_MASKS = 171, 20
+
+
+def segmenter_batch(batch: int, size: int) -> dict[str, np.ndarray]:
+    rs = np.random.RandomState(0)
+    masks = np.zeros((batch, SEG_MASKS, size, size), np.uint8)
+    labels = rs.randint(0, SEG_MASKS, (batch, size // 16, size // 16)).repeat(16, 1).repeat(16, 2)
+    for g in range(SEG_MASKS):
+        masks[:, g] = labels == g
+    classes = np.stack([rs.choice(SEG_CLASSES, SEG_MASKS, replace=False) for _ in range(batch)]).astype(np.int32)
+    return {"image": rs.randint(0, 256, (batch, size, size, 3)).astype(np.uint8), "masks": masks,
+            "classes": classes, "valid": masks.any(axis=(2, 3))}
+
+
+def bench_segmenter_jax(batch: dict, dtype: str, iters: int, workdir: str) -> dict:
+    from transformers import CLIPConfig, CLIPModel  # noqa: PLC0415
+
+    from ovseg_jax.models.maskformer import SegmenterConfig  # noqa: PLC0415
+    from ovseg_jax.text import Tokenizer, write_word_vocab  # noqa: PLC0415
+
+    names = [f"class{i}" for i in range(SEG_CLASSES)]
+    words = sorted(set(names) | {w for t in ("a photo of a {}. this is there is the in scene small medium "
+                                              "large",) for w in t.replace("{}", "").replace(".", "").split()})
+    write_word_vocab(words, workdir)
+    tok = Tokenizer.from_dir(workdir, context_length=16)
+    clip = CLIPModel(CLIPConfig(projection_dim=768, vision_config=dict(image_size=32, patch_size=16, hidden_size=64,
+                                                                       num_hidden_layers=1, num_attention_heads=1,
+                                                                       intermediate_size=64),
+                                text_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=1,
+                                                 intermediate_size=64, max_position_embeddings=16,
+                                                 vocab_size=tok.vocab_size, eos_token_id=tok.eot_token_id,
+                                                 bos_token_id=tok.sot_token_id, pad_token_id=tok.eot_token_id)))
+    clip.save_pretrained(workdir)
+    tok.save(workdir)
+    from ovseg_jax.models.clip import ClipConfig as CC  # noqa: PLC0415
+
+    config = configs.segmenter_training(SegmenterConfig.swin_b().to_dict(), clip=CC(), clip_init=workdir,
+                                        class_names=names, lr=6e-5, weight_decay=0.01, backbone_lr_mult=1.0,
+                                        total_steps=120_000, batch_size=len(batch["image"]))
+    return _time_trainer(config, batch, dtype, iters)
+
+
+def bench_segmenter_torch(batch: dict, iters: int) -> dict:
+    import torch  # noqa: PLC0415
+    from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation, SwinConfig  # noqa: PLC0415
+
+    swin = SwinConfig(image_size=384, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12,
+                      drop_path_rate=0.3, out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = MaskFormerConfig(backbone_config=swin, fpn_feature_size=256, mask_feature_size=256,
+                              num_labels=SEG_CLASSES, use_auxiliary_loss=True, decoder_config=dict(
+                                  model_type="detr", encoder_layers=0, d_model=256, decoder_layers=6,
+                                  decoder_ffn_dim=2048, decoder_attention_heads=8, num_queries=100))
+    torch.manual_seed(0)
+    model = MaskFormerForInstanceSegmentation(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01)
+    mean = torch.tensor([123.675, 116.28, 103.53]).reshape(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).reshape(1, 3, 1, 1)
+    pixels = (torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).float() - mean) / std
+    mask_labels = [torch.from_numpy(m[v]).float() for m, v in zip(batch["masks"], batch["valid"])]
+    class_labels = [torch.from_numpy(c[v]).long() for c, v in zip(batch["classes"], batch["valid"])]
+
+    def step():
+        loss = model(pixel_values=pixels, mask_labels=mask_labels, class_labels=class_labels,
+                     output_hidden_states=True).loss  # the decoder states feed the auxiliary losses
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+        opt.step()
+        return loss
+
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    return {"first_s": first, "step_s": (time.perf_counter() - t0) / iters}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["vit_b16", "vit_l14"], default="vit_b16")
+    parser.add_argument("--model", choices=["vit_b16", "vit_l14", "swin_b"], default="vit_b16",
+                        help="CLIP fine-tuning step (ViT) or segmenter step (swin_b)")
+    parser.add_argument("--size", type=int, default=640, help="segmenter crop size")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers reference")
     args = parser.parse_args()
 
-    preset: ClipConfig = getattr(ClipConfig, args.model)()
-    batch = random_batch(preset, args.batch)
     device = jax.devices()[0]
-    rows = [("ovseg_jax", bench_jax(preset, batch, args.dtype, args.iters))]
-    if not args.no_torch:
-        rows.append(("transformers (torch)", bench_torch(preset, batch, args.dtype, args.iters)))
+    if args.model == "swin_b":
+        import tempfile  # noqa: PLC0415
+
+        batch = segmenter_batch(args.batch, args.size)
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = [("ovseg_jax", bench_segmenter_jax(batch, args.dtype, args.iters, tmp))]
+        if not args.no_torch:
+            rows.append(("transformers (torch)", bench_segmenter_torch(batch, args.iters)))
+        what = f"segmenter Swin-B {args.size}x{args.size} training step"
+    else:
+        preset: ClipConfig = getattr(ClipConfig, args.model)()
+        batch = random_batch(preset, args.batch)
+        rows = [("ovseg_jax", bench_jax(preset, batch, args.dtype, args.iters))]
+        if not args.no_torch:
+            rows.append(("transformers (torch)", bench_torch(preset, batch, args.dtype, args.iters)))
+        what = f"CLIP {args.model} fine-tuning step"
     peak = peak_tflops(device)
     flops = rows[0][1]["flops"]
-    print(f"\nCLIP {args.model} fine-tuning step, batch {args.batch}, {args.dtype}, "
+    print(f"\n{what}, batch {args.batch}, {args.dtype}, "
           f"{jax.device_count()} x {device.device_kind}; {flops / 1e9:.1f} GFLOP/step (XLA)")
     print(f"{'implementation':24s} {'first step s':>12s} {'steps/s':>9s} {'examples/s':>11s} "
           f"{'TFLOP/s':>8s} {'MFU':>6s}")
