@@ -20,6 +20,10 @@ TOL = 1e-4
 def random_costs(rs, batch, queries, gts, kind):
     if kind == "normal":
         return rs.randn(batch, queries, gts).astype(np.float32) * 10
+    if kind == "scales":  # one magnitude per matrix, from 1e-3 to 1e4, plus a large offset on some
+        scale = 10.0 ** rs.uniform(-3, 4, (batch, 1, 1))
+        offset = np.where(rs.rand(batch, 1, 1) < 0.5, 0.0, 1e3)
+        return (rs.randn(batch, queries, gts) * scale + offset).astype(np.float32)
     cost = rs.randint(0, 3, (batch, queries, gts)).astype(np.float32)  # many ties
     if kind == "duplicates":
         cost[:, 1] = cost[:, 0]  # identical queries
@@ -28,7 +32,7 @@ def random_costs(rs, batch, queries, gts, kind):
 
 
 @pytest.mark.parametrize("queries,gts,kind", [(10, 4, "normal"), (7, 7, "ties"), (12, 7, "duplicates"),
-                                              (30, 30, "normal"), (9, 1, "ties")])
+                                              (30, 30, "normal"), (9, 1, "ties"), (16, 11, "scales")])
 def test_hungarian_match_is_optimal(queries, gts, kind):
     rs = np.random.RandomState(queries * 100 + gts)
     batch = 250
@@ -45,7 +49,8 @@ def test_hungarian_match_is_optimal(queries, gts, kind):
             continue
         sub = cost[b][:, cols]
         rows, picked = linear_sum_assignment(sub)
-        assert cost[b][index[b, cols], cols].sum() == pytest.approx(sub[rows, picked].sum(), abs=1e-3)
+        ours = cost[b][index[b, cols], cols].astype(np.float64).sum()
+        assert ours == pytest.approx(sub[rows, picked].astype(np.float64).sum(), rel=1e-5, abs=1e-3)
 
 
 def test_hungarian_match_survives_non_finite_costs():
@@ -53,6 +58,22 @@ def test_hungarian_match_survives_non_finite_costs():
     cost[1, 0, 0] = np.inf
     index, _ = hungarian_match(jnp.asarray(cost), jnp.ones((2, 3), bool))
     assert all(len(set(row)) == 3 for row in np.asarray(index).tolist())
+
+
+def test_hungarian_match_avoids_non_finite_pairs():
+    """NaN and +-inf are a penalty (as in transformers' matcher): used only when nothing else is left."""
+    rs = np.random.RandomState(1)
+    cost = rs.rand(3, 6, 4).astype(np.float32)
+    cost[0, 0, :] = -np.inf  # query 0 of image 0 is unusable
+    cost[1, :, 0] = np.nan
+    cost[1, 5, 0] = 0.5  # ground truth 0 of image 1 has one usable query
+    cost[2, 2:, 1] = np.inf
+    index = np.asarray(hungarian_match(jnp.asarray(cost), jnp.ones((3, 4), bool))[0])
+    for b in range(3):
+        finite = np.where(np.isfinite(cost[b]), cost[b], 1e6)
+        rows, cols = linear_sum_assignment(finite)
+        assert finite[index[b], np.arange(4)].sum() == pytest.approx(finite[rows, cols].sum(), abs=1e-5)
+    assert 0 not in index[0] and index[1, 0] == 5 and index[2, 1] in (0, 1)
 
 
 def test_hungarian_match_needs_enough_queries():
@@ -88,8 +109,7 @@ def problem():
 def test_matching_cost_matches_transformers_terms(problem):
     layers, outputs, targets, (t_masks, t_classes), valid = problem
     weights = LossWeights(ce=1.0, mask=20.0, dice=1.0)
-    got = np.asarray(matching_cost(outputs["pred_logits"], outputs["pred_masks"], targets["classes"],
-                                   targets["masks"], weights))
+    got = np.asarray(matching_cost(outputs["pred_logits"], outputs["pred_masks"], targets, weights))
     for b in range(B):
         logits = torch.from_numpy(layers[-1]["pred_logits"][b])
         masks = torch.from_numpy(layers[-1]["pred_masks"][b]).flatten(1)
@@ -97,6 +117,24 @@ def test_matching_cost_matches_transformers_terms(problem):
         ref = (-logits.softmax(-1)[:, t_classes[b]] + 20 * pair_wise_sigmoid_focal_loss(masks, tgt)
                + pair_wise_dice_loss(masks, tgt))
         np.testing.assert_allclose(got[b][:, valid[b]], ref.numpy(), atol=TOL)
+
+
+def test_matching_matches_transformers_matcher(problem):
+    """Same assignment cost as transformers' matcher (scipy) for every decoder output; indices may
+    differ only between equal-cost assignments."""
+    layers, _, targets, (t_masks, t_classes), valid = problem
+    matcher = MaskFormerHungarianMatcher(cost_class=1.0, cost_mask=20.0, cost_dice=1.0)
+    for layer in layers:
+        cost = matching_cost(jnp.asarray(layer["pred_logits"]), jnp.asarray(layer["pred_masks"]), targets)
+        index, _ = hungarian_match(cost, targets["valid"])
+        cost, index = np.asarray(cost, np.float64), np.asarray(index)
+        ref = matcher(torch.from_numpy(layer["pred_masks"]), torch.from_numpy(layer["pred_logits"]), t_masks, t_classes)
+        for b, (ref_queries, ref_gts) in enumerate(ref):
+            cols = np.flatnonzero(valid[b])
+            sub = cost[b][:, cols]
+            assert sub[index[b, cols], np.arange(len(cols))].sum() == pytest.approx(
+                sub[ref_queries.numpy(), ref_gts.numpy()].sum(), abs=1e-5)
+            assert sorted(ref_gts.tolist()) == list(range(len(cols)))
 
 
 def test_losses_match_transformers(problem):

@@ -1,7 +1,7 @@
 """MaskFormer set-prediction losses with deep supervision (reference 3.3), fully on device.
 
 For the final decoder output and each auxiliary one: Hungarian matching on the cost of reference
-3.2 (no gradient), then
+3.2 (no gradient; all outputs matched in one batched call), then
 - `loss_ce`: cross-entropy over all queries, unmatched ones target the non-object class (the last
   logit), class weight `no_object_weight` for it, torch's weighted-mean reduction;
 - `loss_mask`: sigmoid focal loss (alpha 0.25, gamma 2) of each matched mask, upsampled bilinearly
@@ -47,14 +47,24 @@ def _psum(x: jax.Array, axis_name: str | None) -> jax.Array:
     return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def _output_losses(pred_logits: jax.Array, pred_masks: jax.Array, targets: dict, weights: LossWeights,
+def _match_outputs(per_output: list[dict], targets: dict, weights: LossWeights) -> jax.Array:
+    """Matching of every decoder output, without gradient, as one batched `hungarian_match` (one
+    loop on the device instead of one per output) -> query_index `[L, B, G]`."""
+    costs = jnp.stack([matching_cost(jax.lax.stop_gradient(out["pred_logits"]),
+                                     jax.lax.stop_gradient(out["pred_masks"]), targets, weights)
+                       for out in per_output])  # [L, B, Q, G]
+    layers, batch, queries, gts = costs.shape
+    query_index, _ = hungarian_match(costs.reshape(layers * batch, queries, gts),
+                                     jnp.tile(targets["valid"], (layers, 1)))
+    return query_index.reshape(layers, batch, gts)
+
+
+def _output_losses(pred_logits: jax.Array, pred_masks: jax.Array, query_index: jax.Array, targets: dict,
                    no_object_weight: float, num_masks: jax.Array, axis_name: str | None) -> dict[str, jax.Array]:
-    """Losses of one decoder output: pred_logits `[B, Q, C+1]`, pred_masks `[B, Q, h, w]` logits."""
-    gt_masks, gt_classes, gt_valid = targets["masks"], targets["classes"], targets["valid"]
+    """Losses of one decoder output: pred_logits `[B, Q, C+1]`, pred_masks `[B, Q, h, w]` logits,
+    query_index `[B, G]` the query matched to each ground-truth slot."""
+    gt_masks, gt_classes, valid = targets["masks"], targets["classes"], targets["valid"]
     batch, _, num_logits = pred_logits.shape
-    cost = matching_cost(jax.lax.stop_gradient(pred_logits), jax.lax.stop_gradient(pred_masks),
-                         gt_classes, gt_masks, weights)
-    query_index, valid = hungarian_match(cost, gt_valid)
 
     # Classification: every query, unmatched ones -> non-object (the last logit).
     no_object = num_logits - 1
@@ -87,11 +97,12 @@ def maskformer_loss(outputs: dict, targets: dict, *, weights: LossWeights = Loss
     """
     num_masks = jnp.maximum(_psum(jnp.sum(targets["valid"].astype(jnp.float32)), axis_name), 1.0)
     per_output = [outputs] + list(outputs.get("aux", []))
+    query_index = _match_outputs(per_output, targets, weights)
     metrics: dict[str, jax.Array] = {}
     total = jnp.zeros((), jnp.float32)
-    for i, out in enumerate(per_output):
+    for i, out in enumerate(per_output):  # unrolled at trace time (6 decoder outputs)
         suffix = "" if i == 0 else f"_{i - 1}"
-        terms = _output_losses(out["pred_logits"], out["pred_masks"], targets, weights, no_object_weight,
+        terms = _output_losses(out["pred_logits"], out["pred_masks"], query_index[i], targets, no_object_weight,
                                num_masks, axis_name)
         total += weights.ce * terms["loss_ce"] + weights.mask * terms["loss_mask"] + weights.dice * terms["loss_dice"]
         metrics.update({k + suffix: v for k, v in terms.items()})

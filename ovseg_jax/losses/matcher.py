@@ -83,14 +83,16 @@ def hungarian_match(cost: jax.Array, gt_valid: jax.Array) -> tuple[jax.Array, ja
     Returns `(query_index [B, G] int32, valid [B, G] bool)`: ground truth g of image b is matched
     to query `query_index[b, g]` when `valid[b, g]`; the entries of padded ground truth are
     arbitrary (but distinct) queries. Same optimum as `scipy.optimize.linear_sum_assignment`
-    on the valid columns (costs are clipped to +-1e8; NaN counts as 1e8).
+    on the valid columns. Finite costs are clipped to +-1e8 and NaN/+-inf count as +1e8 (as
+    transformers' matcher does: such pairs are matched only when nothing else is left); exactness
+    holds for finite costs well inside float32 range.
     """
     b, q, g = cost.shape
     if q < g:
         raise ValueError(f"hungarian_match needs at least as many queries as ground-truth slots; got Q={q} < G={g}")
-    # Non-finite costs (from a diverged model) are clipped so that the search stays well-defined;
-    # the loss is non-finite then anyway and the trainer stops.
-    cost = jnp.clip(jnp.nan_to_num(cost, nan=_COST_LIMIT), -_COST_LIMIT, _COST_LIMIT)
+    # Non-finite costs (from a diverged model) become a large penalty so that the search stays
+    # well-defined; the loss is non-finite then anyway and the trainer stops.
+    cost = jnp.where(jnp.isfinite(cost), jnp.clip(cost, -_COST_LIMIT, _COST_LIMIT), _COST_LIMIT)
     rows = jnp.where(gt_valid[:, :, None], jnp.swapaxes(cost, 1, 2), 0)  # [B, G, Q]
     return jax.vmap(_assign)(rows), gt_valid
 
@@ -121,13 +123,15 @@ def pairwise_dice_cost(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return 1 - (numerator + 1) / (denominator + 1)
 
 
-def matching_cost(pred_logits: jax.Array, pred_masks: jax.Array, gt_classes: jax.Array, gt_masks: jax.Array,
+def matching_cost(pred_logits: jax.Array, pred_masks: jax.Array, targets: dict,
                   weights: LossWeights = LossWeights()) -> jax.Array:
     """`[B, Q, G]` matching cost `w_ce·(-p[q, class_g]) + w_mask·focal + w_dice·dice` (reference 3.2).
 
-    pred_logits `[B, Q, C+1]`, pred_masks `[B, Q, h, w]` logits, gt_classes `[B, G]` int,
-    gt_masks `[B, G, H, W]` 0/1 (nearest-downsampled to `h, w` as the original).
+    pred_logits `[B, Q, C+1]`, pred_masks `[B, Q, h, w]` logits; targets `{"masks": [B, G, H, W]
+    0/1 (nearest-downsampled to `h, w` as the original), "classes": [B, G] int, ...}`. Columns of
+    padded ground truth hold arbitrary values; `hungarian_match` ignores them.
     """
+    gt_masks, gt_classes = targets["masks"], targets["classes"]
     h, w = pred_masks.shape[-2:]
     prob = jax.nn.softmax(pred_logits.astype(jnp.float32), axis=-1)
     class_cost = -jnp.take_along_axis(prob, gt_classes[:, None, :].astype(jnp.int32), axis=-1)  # [B, Q, G]
