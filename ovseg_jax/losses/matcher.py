@@ -111,7 +111,7 @@ def pairwise_focal_cost(logits: jax.Array, targets: jax.Array, alpha: float = 0.
     prob = jax.nn.sigmoid(logits)
     pos = alpha * (1 - prob) ** gamma * jax.nn.softplus(-logits)  # BCE with target 1
     neg = (1 - alpha) * prob**gamma * jax.nn.softplus(logits)  # BCE with target 0
-    cost = pos @ targets.T + neg @ (1 - targets).T
+    cost = (pos - neg) @ targets.T + neg.sum(-1)[:, None]  # = pos @ t.T + neg @ (1 - t).T
     return cost / logits.shape[-1]
 
 
