@@ -8,9 +8,13 @@ of classes that appear in the ground truth *or* the predictions.
 
 from __future__ import annotations
 
-from typing import Sequence
+import logging
+import time
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class ConfusionMatrix:
@@ -38,13 +42,15 @@ class ConfusionMatrix:
         c = self.num_classes
         self.counts += np.bincount(pred[valid] * c + label[valid], minlength=c * c).reshape(c, c)
 
-    def metrics(self, class_names: Sequence[str] | None = None) -> dict:
-        return segmentation_metrics(self.counts, class_names)
+    def metrics(self, class_names: Sequence[str] | None = None, unseen: Iterable[str] = ()) -> dict:
+        return segmentation_metrics(self.counts, class_names, unseen)
 
 
-def segmentation_metrics(confusion: np.ndarray, class_names: Sequence[str] | None = None) -> dict:
+def segmentation_metrics(confusion: np.ndarray, class_names: Sequence[str] | None = None,
+                         unseen: Iterable[str] = ()) -> dict:
     """`[C, C]` confusion (rows = prediction, cols = GT) -> `{"mIoU", "fwIoU", "mACC", "pACC",
-    "IoU": {name: value or nan}}` in percent, as the original evaluator."""
+    "IoU": {name: value or nan}}` in percent, as the original evaluator. With `unseen` class names,
+    also `mIoU_seen` / `mIoU_unseen`: mean IoU over the classes of each group that have GT pixels."""
     conf = np.asarray(confusion, np.float64)
     tp = np.diag(conf)
     pos_gt = conf.sum(axis=0)
@@ -60,10 +66,41 @@ def segmentation_metrics(confusion: np.ndarray, class_names: Sequence[str] | Non
     names = list(class_names) if class_names is not None else [str(i) for i in range(len(tp))]
     if len(names) != len(tp):
         raise ValueError(f"{len(names)} class names for a {len(tp)}-class confusion matrix")
+    unseen = set(unseen)
+    groups = {}
+    if unseen:
+        is_unseen = np.array([n in unseen for n in names])
+        for group, members in (("seen", ~is_unseen), ("unseen", is_unseen)):
+            keep = members & acc_valid
+            groups[f"mIoU_{group}"] = 100 * float(np.mean(iou[keep])) if keep.any() else float("nan")
     return {
+        **groups,
         "mIoU": 100 * np.sum(iou[acc_valid]) / max(np.sum(iou_valid), 1),
         "fwIoU": 100 * np.sum(iou[acc_valid] * pos_gt[acc_valid] / max(total, 1)),
         "mACC": 100 * np.sum(acc[acc_valid]) / max(np.sum(acc_valid), 1),
         "pACC": 100 * np.sum(tp) / max(total, 1),
         "IoU": {n: 100 * v for n, v in zip(names, iou)},
     }
+
+
+def evaluate_dataset(predictor, examples: Iterable[Mapping[str, np.ndarray]], class_names: Sequence[str], *,
+                     ignore_value: int, unseen: Iterable[str] = (), max_examples: int | None = None,
+                     log_every: int = 50) -> dict:
+    """Run `predictor` (`ovseg_jax.predict.Predictor`) over eval examples (`ovseg_jax.data.pipeline.
+    eval_loader`: padded `image`, original-size `label`, `resized_size`, `orig_size`) -> metrics."""
+    confusion = ConfusionMatrix(len(class_names), ignore_value)
+    start = time.perf_counter()
+    count = 0
+    for count, example in enumerate(examples, 1):
+        pred = predictor.predict(example["image"], class_names, resized_hw=tuple(example["resized_size"]),
+                                 original_hw=tuple(example["orig_size"]))
+        confusion.update(pred, example["label"])
+        if log_every and count % log_every == 0:
+            log.info("evaluated %d images (%.2f images/s)", count, count / (time.perf_counter() - start))
+        if max_examples is not None and count >= max_examples:
+            break
+    if count == 0:
+        raise ValueError("no evaluation examples")
+    metrics = segmentation_metrics(confusion.counts, class_names, unseen)
+    metrics["images"] = count
+    return metrics

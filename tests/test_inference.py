@@ -101,3 +101,15 @@ def test_confusion_matrix_rejects_out_of_range_labels():
     cm = ConfusionMatrix(3, ignore_value=65535)
     with pytest.raises(ValueError, match=r"labels outside \[0, 3\).*\[7\]"):
         cm.update(np.zeros((2, 2)), np.array([[0, 7], [65535, 1]]))
+
+
+def test_seen_and_unseen_miou():
+    pred = np.array([[0, 0, 1, 2], [2, 2, 1, 0]])
+    label = np.array([[0, 1, 1, 2], [2, 0, 1, 255]])
+    cm = ConfusionMatrix(3)
+    cm.update(pred, label)
+    m = cm.metrics(["a", "b", "c"], unseen=["c"])
+    # (pred, gt) pairs without ignore: (0,0) (0,1) (1,1) (2,2) (2,2) (2,0) (1,1)
+    # c: TP 2, FP 1, FN 0 -> 2/3; a: TP 1, FP 1, FN 1 -> 1/3; b: TP 2, FP 0, FN 1 -> 2/3
+    assert m["mIoU_unseen"] == pytest.approx(100 * 2 / 3)
+    assert m["mIoU_seen"] == pytest.approx(100 * (1 / 3 + 2 / 3) / 2)
