@@ -84,18 +84,19 @@ def test_hungarian_match_needs_enough_queries():
 # ---------------------------------------------------------------------------------------------
 # Against transformers' MaskFormer matcher and loss
 
-B, Q, C, G, PRED, FULL = 3, 8, 5, 4, 6, 24
+B, Q, C, G, PRED, FULL = 4, 8, 5, 4, 6, 24
 
 
 @pytest.fixture(scope="module")
 def problem():
-    """Random predictions with aux outputs and padded ground truth (image 2 has no valid mask)."""
+    """Random predictions with aux outputs and padded ground truth (image 2 has no valid mask, image 3
+    has gaps)."""
     rs = np.random.RandomState(0)
     layers = [dict(pred_logits=rs.randn(B, Q, C + 1).astype(np.float32) * 2,
                    pred_masks=rs.randn(B, Q, PRED, PRED).astype(np.float32) * 3) for _ in range(3)]
     masks = (rs.rand(B, G, FULL, FULL) > 0.6).astype(np.uint8)
     classes = rs.randint(0, C, (B, G)).astype(np.int32)
-    valid = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]], bool)
+    valid = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], [0, 1, 0, 1]], bool)
     masks[~valid] = 0
     classes[~valid] = 0
     outputs = {**{k: jnp.asarray(v) for k, v in layers[-1].items()},
@@ -155,6 +156,20 @@ def test_losses_match_transformers(problem):
                                        err_msg=ours + suffix)
             expected_total += w * ref[theirs + suffix].item()
     assert float(total) == pytest.approx(expected_total, rel=1e-5)
+
+
+def test_loss_with_axis_name_equals_the_global_batch_loss(problem):
+    """Split over a named data axis (vmap stands in for shard_map), the psum'd loss is the global one."""
+    import jax
+
+    _, outputs, targets, _, _ = problem
+    total, metrics = maskformer_loss(outputs, targets)
+    halves = jax.tree.map(lambda x: x.reshape(2, B // 2, *x.shape[1:]), (outputs, targets))
+    split_total, split_metrics = jax.vmap(lambda o, t: maskformer_loss(o, t, axis_name="data"),
+                                          axis_name="data")(*halves)
+    np.testing.assert_allclose(split_total, [total, total], rtol=1e-6)
+    for name, value in metrics.items():
+        np.testing.assert_allclose(split_metrics[name], [value, value], rtol=1e-6, err_msg=name)
 
 
 def test_loss_gradients_are_finite_and_reach_every_output(problem):
