@@ -28,19 +28,19 @@ __all__ = ["LossWeights", "maskformer_loss", "sigmoid_focal_loss", "dice_loss"]
 
 
 def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25, gamma: float = 2.0) -> jax.Array:
-    """`[..., P]` logits and 0/1 targets -> `[...]` focal loss, mean over the P pixels."""
+    """`[..., H, W]` logits and 0/1 targets -> `[...]` focal loss, mean over the pixels."""
     prob = jax.nn.sigmoid(logits)
     ce = jax.nn.softplus(logits) - logits * targets  # BCE with logits
-    p_t = prob * targets + (1 - prob) * (1 - targets)
+    one_minus_p_t = prob + targets - 2 * prob * targets
     alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-    return jnp.mean(alpha_t * ce * (1 - p_t) ** gamma, axis=-1)
+    return jnp.mean(alpha_t * ce * one_minus_p_t**gamma, axis=(-2, -1))
 
 
 def dice_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """`[..., P]` logits and 0/1 targets -> `[...]` `1 - (2 Σ σ·t + 1) / (Σ σ + Σ t + 1)`."""
+    """`[..., H, W]` logits and 0/1 targets -> `[...]` `1 - (2 Σ σ·t + 1) / (Σ σ + Σ t + 1)`."""
     prob = jax.nn.sigmoid(logits)
-    numerator = 2 * jnp.sum(prob * targets, axis=-1)
-    return 1 - (numerator + 1) / (jnp.sum(prob, axis=-1) + jnp.sum(targets, axis=-1) + 1)
+    numerator = 2 * jnp.sum(prob * targets, axis=(-2, -1))
+    return 1 - (numerator + 1) / (jnp.sum(prob, axis=(-2, -1)) + jnp.sum(targets, axis=(-2, -1)) + 1)
 
 
 def _psum(x: jax.Array, axis_name: str | None) -> jax.Array:
@@ -59,10 +59,11 @@ def _match_outputs(per_output: list[dict], targets: dict, weights: LossWeights) 
     return query_index.reshape(layers, batch, gts)
 
 
-def _output_losses(pred_logits: jax.Array, pred_masks: jax.Array, query_index: jax.Array, targets: dict,
-                   no_object_weight: float, num_masks: jax.Array, axis_name: str | None) -> dict[str, jax.Array]:
-    """Losses of one decoder output: pred_logits `[B, Q, C+1]`, pred_masks `[B, Q, h, w]` logits,
-    query_index `[B, G]` the query matched to each ground-truth slot."""
+def _output_sums(pred_logits: jax.Array, pred_masks: jax.Array, query_index: jax.Array, targets: dict,
+                 no_object_weight: float) -> jax.Array:
+    """Unnormalised loss sums of one decoder output: pred_logits `[B, Q, C+1]`, pred_masks
+    `[B, Q, h, w]` logits, query_index `[B, G]` the query matched to each ground-truth slot ->
+    `[4]`: weighted CE sum, sum of CE weights, focal sum, dice sum over valid matches."""
     gt_masks, gt_classes, valid = targets["masks"], targets["classes"], targets["valid"]
     batch, _, num_logits = pred_logits.shape
 
@@ -74,16 +75,14 @@ def _output_losses(pred_logits: jax.Array, pred_masks: jax.Array, query_index: j
     log_probs = jax.nn.log_softmax(pred_logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(log_probs, target_classes[..., None], axis=-1)[..., 0]
     class_weight = jnp.where(target_classes == no_object, no_object_weight, 1.0)
-    loss_ce = _psum(jnp.sum(class_weight * nll), axis_name) / _psum(jnp.sum(class_weight), axis_name)
 
     # Masks: matched predictions upsampled to the target resolution.
     matched = jnp.take_along_axis(pred_masks, query_index[:, :, None, None], axis=1)  # [B, G, h, w]
-    matched = resize_bilinear(matched.astype(jnp.float32), gt_masks.shape[-2:], axes=(-2, -1))
-    logits = matched.reshape(*matched.shape[:2], -1)
-    target = gt_masks.astype(jnp.float32).reshape(*gt_masks.shape[:2], -1)
-    loss_mask = _psum(jnp.sum(jnp.where(valid, sigmoid_focal_loss(logits, target), 0)), axis_name) / num_masks
-    loss_dice = _psum(jnp.sum(jnp.where(valid, dice_loss(logits, target), 0)), axis_name) / num_masks
-    return {"loss_ce": loss_ce, "loss_mask": loss_mask, "loss_dice": loss_dice}
+    logits = resize_bilinear(matched.astype(jnp.float32), gt_masks.shape[-2:], axes=(-2, -1))
+    target = gt_masks.astype(jnp.float32)
+    focal = jnp.sum(jnp.where(valid, sigmoid_focal_loss(logits, target), 0))
+    dice = jnp.sum(jnp.where(valid, dice_loss(logits, target), 0))
+    return jnp.stack([jnp.sum(class_weight * nll), jnp.sum(class_weight), focal, dice])
 
 
 def maskformer_loss(outputs: dict, targets: dict, *, weights: LossWeights = LossWeights(),
@@ -98,12 +97,17 @@ def maskformer_loss(outputs: dict, targets: dict, *, weights: LossWeights = Loss
     num_masks = jnp.maximum(_psum(jnp.sum(targets["valid"].astype(jnp.float32)), axis_name), 1.0)
     per_output = [outputs] + list(outputs.get("aux", []))
     query_index = _match_outputs(per_output, targets, weights)
+    stacked = (jnp.stack([out["pred_logits"] for out in per_output]),
+               jnp.stack([out["pred_masks"] for out in per_output]), query_index)
+    # One output at a time, recomputed in the backward pass: the full-resolution upsampled masks
+    # ([B, G, H, W] per output) are never held for all outputs at once.
+    sums = jax.lax.map(jax.checkpoint(lambda args: _output_sums(*args, targets, no_object_weight)), stacked)
+    sums = _psum(sums, axis_name)  # [L, 4]
+    loss_ce, loss_mask, loss_dice = sums[:, 0] / sums[:, 1], sums[:, 2] / num_masks, sums[:, 3] / num_masks
+    total = jnp.sum(weights.ce * loss_ce + weights.mask * loss_mask + weights.dice * loss_dice)
     metrics: dict[str, jax.Array] = {}
-    total = jnp.zeros((), jnp.float32)
-    for i, out in enumerate(per_output):  # unrolled at trace time (6 decoder outputs)
+    for i in range(len(per_output)):
         suffix = "" if i == 0 else f"_{i - 1}"
-        terms = _output_losses(out["pred_logits"], out["pred_masks"], query_index[i], targets, no_object_weight,
-                               num_masks, axis_name)
-        total += weights.ce * terms["loss_ce"] + weights.mask * terms["loss_mask"] + weights.dice * terms["loss_dice"]
-        metrics.update({k + suffix: v for k, v in terms.items()})
+        metrics.update({"loss_ce" + suffix: loss_ce[i], "loss_mask" + suffix: loss_mask[i],
+                        "loss_dice" + suffix: loss_dice[i]})
     return total, metrics
