@@ -103,6 +103,8 @@ _register("coco_stuff_171", 255, 0.7, _folder_source(
     "coco_stuff_171", 255, {s: (f"coco/{s}2017", f"coco/stuffthingmaps_detectron2/{s}2017") for s in ("train", "val")}),
     ("train", "val"))
 _register("ade20k_150", 255, 0.7, _folder_source("ade20k_150", 255, _ade(_ADE150)), ("train", "val"))
+_register("ade20k_847", 65535, 0.7, _folder_source("ade20k_847", 65535, _ade(_ADE847), label_ext=".tif"),
+          ("train", "val"))
 _register("pascal_context_59", 255, 0.6, _folder_source(
     "pascal_context_59", 255, {"val": ("VOCdevkit/VOC2010/JPEGImages", "VOCdevkit/VOC2010/annotations_detectron2/pc59_val")},
     index_by="label"), ("val",))

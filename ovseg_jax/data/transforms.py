@@ -1,0 +1,173 @@
+"""Host-side (numpy/PIL) segmentation transforms: training augmentation (reference 3.1), matcher
+targets, and the evaluation resize with bucketed padding (reference 1.1).
+
+All randomness comes from the `np.random.Generator` passed in, which the pipeline derives from
+(seed, example position), so a run is reproducible example by example.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+# MaskFormer's MIN_SIZE_TRAIN: int(640 * x / 10) for x in 5..20 (0.5x-2.0x of 640).
+TRAIN_SCALES = tuple(range(320, 1281, 64))
+IMAGE_PAD = 128
+
+
+def resized_hw(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
+    """detectron2 ResizeShortestEdge: short side -> `short`, long side capped at `max_size`,
+    each side rounded with int(x + 0.5)."""
+    scale = short / min(h, w)
+    nh, nw = h * scale, w * scale
+    if max(nh, nw) > max_size:
+        scale = max_size / max(nh, nw)
+        nh, nw = nh * scale, nw * scale
+    return int(nh + 0.5), int(nw + 0.5)
+
+
+def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """uint8 `[H, W, 3]` -> `[h, w, 3]`, PIL bilinear (antialiased when downscaling), as detectron2."""
+    if image.shape[:2] == tuple(hw):
+        return image
+    return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.BILINEAR))
+
+
+def resize_label(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """int32 `[H, W]` -> `[h, w]`, PIL nearest."""
+    if label.shape == tuple(hw):
+        return label
+    return np.asarray(Image.fromarray(label.astype(np.int32)).resize((hw[1], hw[0]), Image.NEAREST), np.int32)
+
+
+# --- SSD photometric distortion (MaskFormer's ColorAugSSDTransform) on OpenCV's 8-bit HSV ---
+
+def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB `[..., 3]` -> uint8 HSV as OpenCV's 8-bit conversion: H in [0, 180), S, V in [0, 255]."""
+    x = rgb.astype(np.float32)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    v = x.max(-1)
+    diff = v - x.min(-1)
+    s = np.where(v > 0, diff * 255.0 / np.maximum(v, 1), 0.0)
+    d = np.maximum(diff, 1e-6)
+    h = np.where(v == r, 60.0 * (g - b) / d, np.where(v == g, 120.0 + 60.0 * (b - r) / d, 240.0 + 60.0 * (r - g) / d))
+    h = np.where(diff == 0, 0.0, np.mod(h, 360.0))
+    out = np.stack([np.mod(np.rint(h / 2.0), 180.0), np.rint(s), v], -1)
+    return out.astype(np.uint8)
+
+
+def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    """uint8 OpenCV HSV `[..., 3]` -> uint8 RGB."""
+    h = hsv[..., 0].astype(np.float32) * 2.0 / 60.0
+    s = hsv[..., 1].astype(np.float32) / 255.0
+    v = hsv[..., 2].astype(np.float32) / 255.0
+    sector = np.floor(h)
+    f = h - sector
+    sector = sector.astype(np.int32) % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    table = np.stack([np.stack(c, -1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 0)
+    rgb = np.take_along_axis(table, sector[None, ..., None], 0)[0]
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)  # truncates, as the original
+
+
+def photometric_distort(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """SSD colour jitter: brightness +-32 (p 0.5), then contrast->saturation->hue or
+    saturation->hue->contrast (equal chance), each p 0.5; contrast/saturation x U(0.5, 1.5), hue
+    +U{-18..18} on the 0-180 scale. Brightness and contrast act on all channels alike, and HSV does
+    not depend on the channel order, so working in RGB equals the original's BGR."""
+    if rng.integers(2):
+        image = _convert(image, beta=rng.uniform(-32, 32))
+
+    def contrast(img):
+        return _convert(img, alpha=rng.uniform(0.5, 1.5)) if rng.integers(2) else img
+
+    def saturation(img):
+        if not rng.integers(2):
+            return img
+        hsv = rgb_to_hsv(img)
+        hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(0.5, 1.5))
+        return hsv_to_rgb(hsv)
+
+    def hue(img):
+        if not rng.integers(2):
+            return img
+        hsv = rgb_to_hsv(img)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int32) + rng.integers(-18, 19)) % 180
+        return hsv_to_rgb(hsv)
+
+    order = (contrast, saturation, hue) if rng.integers(2) else (saturation, hue, contrast)
+    for op in order:
+        image = op(image)
+    return image
+
+
+# --- targets ---
+
+def mask_targets(label: np.ndarray, max_masks: int, ignore_value: int) -> dict[str, np.ndarray]:
+    """int32 `[H, W]` -> one binary mask per class present (ignore excluded), padded to `max_masks`:
+    `{"masks": uint8 [G, H, W], "classes": int32 [G], "valid": bool [G]}` (padding: class 0, empty).
+    With more classes than `max_masks`, the largest `max_masks` by area are kept."""
+    ids, counts = np.unique(label, return_counts=True)
+    keep = ids != ignore_value
+    ids, counts = ids[keep], counts[keep]
+    if ids.size > max_masks:
+        ids = np.sort(ids[np.argsort(-counts, kind="stable")[:max_masks]])
+    g = ids.size
+    masks = np.zeros((max_masks, *label.shape), np.uint8)
+    masks[:g] = label[None] == ids[:, None, None]
+    classes = np.zeros(max_masks, np.int32)
+    classes[:g] = ids
+    return {"masks": masks, "classes": classes, "valid": np.arange(max_masks) < g}
+
+
+# --- full transforms ---
+
+def train_transform(example: dict, rng: np.random.Generator, *, crop_size: int = 640,
+                    scales: Sequence[int] = TRAIN_SCALES, max_size: int = 2560, ignore_value: int = 255,
+                    max_masks: int = 32, photometric: bool = True, flip: bool = True) -> dict[str, np.ndarray]:
+    """`{"image" uint8 [H,W,3], "label" int32 [H,W]}` -> the segmentation training example
+    `{"image": uint8 [S,S,3] (pad 128), "label": int32 [S,S] (pad ignore), "masks": uint8 [G,S,S],
+    "classes": int32 [G], "valid": bool [G]}` with S = crop_size (reference 3.1)."""
+    image, label = example["image"], example["label"]
+    hw = resized_hw(*label.shape, int(scales[rng.integers(len(scales))]), max_size)
+    image, label = resize_image(image, hw), resize_label(label, hw)
+    ch, cw = min(crop_size, hw[0]), min(crop_size, hw[1])
+    y0, x0 = int(rng.integers(hw[0] - ch + 1)), int(rng.integers(hw[1] - cw + 1))
+    image, label = image[y0:y0 + ch, x0:x0 + cw], label[y0:y0 + ch, x0:x0 + cw]
+    if photometric:
+        image = photometric_distort(image, rng)
+    if flip and rng.random() < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+    out_image = np.full((crop_size, crop_size, 3), IMAGE_PAD, np.uint8)
+    out_label = np.full((crop_size, crop_size), ignore_value, np.int32)
+    out_image[:ch, :cw], out_label[:ch, :cw] = image, label
+    return {"image": out_image, "label": out_label, **mask_targets(out_label, max_masks, ignore_value)}
+
+
+def bucket_size(n: int, divisibility: int = 32, bucket: int = 128) -> int:
+    """Pad length for a side of `n`: the next multiple of `bucket` (itself a multiple of `divisibility`)."""
+    if bucket % divisibility:
+        raise ValueError(f"bucket={bucket} must be a multiple of size_divisibility={divisibility}")
+    return int(math.ceil(n / bucket) * bucket)
+
+
+def eval_transform(example: dict, *, short: int = 640, max_size: int = 2560, divisibility: int = 32,
+                   bucket: int = 128) -> dict[str, np.ndarray]:
+    """Reference 1.1: resize (short side `short`, long side <= `max_size`, PIL bilinear) and pad
+    bottom/right with 0 to a multiple of `bucket` per side, so that at most
+    `2 * ceil((max_size - short) / bucket + 1)` padded shapes occur -> `{"image": uint8 [H', W', 3],
+    "label": int32 [H, W] (original), "orig_size": int32 [2], "resized_size": int32 [2]}`."""
+    image, label = example["image"], example["label"]
+    hw = resized_hw(*image.shape[:2], short, max_size)
+    resized = resize_image(image, hw)
+    padded = np.zeros((bucket_size(hw[0], divisibility, bucket), bucket_size(hw[1], divisibility, bucket), 3), np.uint8)
+    padded[:hw[0], :hw[1]] = resized
+    return {"image": padded, "label": label, "orig_size": np.array(image.shape[:2], np.int32),
+            "resized_size": np.array(hw, np.int32)}
