@@ -114,17 +114,28 @@ def segmenter_optim(lr: float, weight_decay: float, backbone_lr_mult: float, tot
 
 def segmenter_training(segmenter: dict, *, clip: ClipConfig, clip_init: str, class_names: list[str],
                        lr: float, weight_decay: float, backbone_lr_mult: float, total_steps: int,
-                       batch_size: int, warmup_steps: int = 1500) -> ml_collections.ConfigDict:
+                       batch_size: int, warmup_steps: int = 1500, tokenizer: str = "",
+                       templates: str | list[str] = "vild") -> ml_collections.ConfigDict:
     """Segmenter stage (reference 3): `segmenter` is `SegmenterConfig.to_dict()`; the frozen CLIP
-    `clip_init` (architecture `clip`) embeds `class_names` with the ViLD templates."""
+    `clip_init` (architecture `clip`; tokenizer files `tokenizer` when it has none) embeds
+    `class_names` with `templates` (the 14 ViLD templates by default)."""
     from ovseg_jax.tasks.segmenter import loss_config  # noqa: PLC0415
 
     c = base("segmenter")
     c.model = ml_collections.ConfigDict({
-        "segmenter": segmenter, "clip": dataclasses.asdict(clip), "clip_init": clip_init, "tokenizer": "",
-        "templates": "vild", "class_names": list(class_names)})
+        "segmenter": segmenter, "clip": dataclasses.asdict(clip), "clip_init": clip_init, "tokenizer": tokenizer,
+        "templates": templates, "class_names": list(class_names)})
     c.loss = loss_config()
     c.optim = segmenter_optim(lr, weight_decay, backbone_lr_mult, total_steps, warmup_steps)
     c.total_steps = total_steps
     c.batch_size = batch_size
     return c
+
+
+def segmentation_data(dataset: str, root: str, *, crop_size: int, short_sides, max_size: int,
+                      max_masks: int = 64, num_workers: int = 8) -> ml_collections.ConfigDict:
+    """Segmenter training data: `dataset` (an `ovseg_jax.data.registry` name) under `root`, random
+    short-side scale from `short_sides`, `crop_size` crops, up to `max_masks` class masks per crop."""
+    return ml_collections.ConfigDict({"dataset": dataset, "root": root, "split": "train", "crop_size": crop_size,
+                                      "scales": list(short_sides), "max_size": max_size, "max_masks": max_masks,
+                                      "num_workers": num_workers})

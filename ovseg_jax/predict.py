@@ -70,11 +70,13 @@ class Predictor:
     mask_threshold: 0.4 (Swin-B model), 0.5 (R101c). ensemble_weight: λ of reference 1.7
     (0.7 A-150/A-847, 0.6 PC-59/PC-459, 0.45 PAS-20; 0 = CLIP only; None = segmenter only).
     mask_prompts: feed region masks to CLIP (reference `MASK_PROMPT_FWD`) when it has prompts.
+    templates: prompt templates of the class-name embeddings ("vild" = the 14 ViLD templates).
     """
 
     def __init__(self, segmenter: Segmenter, clip: Clip, *, mask_threshold: float = 0.4,
-                 ensemble_weight: float | None = 0.7, mask_prompts: bool = True):
-        self.segmenter, self.clip = segmenter, clip
+                 ensemble_weight: float | None = 0.7, mask_prompts: bool = True,
+                 templates: str | Sequence[str] = "vild"):
+        self.segmenter, self.clip, self.templates = segmenter, clip, templates
         self.mask_threshold, self.ensemble_weight = mask_threshold, ensemble_weight
         self.mask_prompts = mask_prompts and clip.config.mask_prompt_depth > 0
 
@@ -89,7 +91,7 @@ class Predictor:
         seg_graph, seg_state = nnx.split(self.segmenter)
         clip_graph, clip_state = nnx.split(self.clip.model)
         return _scores(seg_graph, seg_state, clip_graph, clip_state, image.astype(jnp.float32),
-                       self.clip.class_embeddings(class_names), jnp.asarray(resized_hw, jnp.int32),
+                       self.clip.class_embeddings(class_names, self.templates), jnp.asarray(resized_hw, jnp.int32),
                        mask_threshold=self.mask_threshold, ensemble_weight=self.ensemble_weight,
                        mask_prompts=self.mask_prompts)
 

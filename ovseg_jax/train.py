@@ -275,20 +275,35 @@ def make_data(config, task) -> Iterator[Mapping[str, np.ndarray]]:
     return task.make_data(config)
 
 
+def _substitute_workdir(config, workdir: Path) -> None:
+    """Replace "{workdir}" in every string field of `config` (recursively) by `workdir`."""
+    for key, value in config.items():
+        if isinstance(value, str) and "{workdir}" in value:
+            config[key] = value.replace("{workdir}", str(workdir))
+        elif hasattr(value, "items"):
+            _substitute_workdir(value, workdir)
+
+
 def run(config, workdir: str | Path) -> str:
     """Train one stage (or, for a config with `stages`, each stage in turn in `workdir/<stage>`,
-    with "{workdir}" in a stage's `init_from` replaced by `workdir`) -> "done" / "preempted"."""
+    with "{workdir}" in a stage's string fields (e.g. `init_from`) replaced by `workdir`)
+    -> "done" / "preempted". A `config.data.generate` dict generates the synthetic world into
+    `config.data.root` when it is missing."""
     workdir = Path(workdir)
     if "stages" in config:
         for name in config.stages:
             stage = config[name]
             with stage.unlocked():
-                stage.init_from = (stage.get("init_from") or "").format(workdir=workdir)
+                _substitute_workdir(stage, workdir)
             log.info("stage %s -> %s", name, workdir / name)
             if run(stage, workdir / name) != "done":
                 return "preempted"
         return "done"
     task = tasks.get(config.task)
+    if config.get("data") and config.data.get("generate"):
+        from ovseg_jax.data import synthetic  # noqa: PLC0415
+
+        synthetic.ensure(config.data.root, **config.data.generate.to_dict())
     task.check_inputs(config)
     data = make_data(config, task)
     trainer = Trainer(config, workdir)
@@ -309,6 +324,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO chatter
     sharding.initialize_distributed()
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config FILE[:variant] and --workdir DIR are required")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -86,18 +84,3 @@ def test_masked_crops_match_reference(ratio):
 def test_masked_crops_reject_mismatched_shapes():
     with pytest.raises(ValueError, match=r"mask_probs must be \[Q, H, W\]"):
         masked_crops(jnp.zeros((8, 8, 3)), jnp.zeros((2, 8, 9)), threshold=0.5)
-
-
-def test_demo_writes_predictions(tmp_path):
-    from ovseg_jax import demo
-
-    result = demo.run(tmp_path, seed=1)
-    saved = json.loads((tmp_path / "predictions.json").read_text())
-    assert saved["proposals"] == result["proposals"]
-    for row in saved["proposals"]:
-        assert row["valid"] == (row["pixels"] > 0)
-        if row["valid"]:
-            assert row["predicted"] in saved["classes"]
-            assert abs(sum(row["probabilities"].values()) - 1.0) < 1e-4
-    assert (tmp_path / "crops.png").is_file() and (tmp_path / "scene.png").is_file()
-    assert (tmp_path / "clip_checkpoint" / "config.json").is_file()

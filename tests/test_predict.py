@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from flax import nnx
 
 import ovseg_jax.clip as oclip
-from ovseg_jax import demo
+from tests import clip_fixtures as demo
 from ovseg_jax.masked_crops import masked_crops
 from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig, normalize_images
 from ovseg_jax.models.swin import SwinConfig

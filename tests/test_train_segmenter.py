@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from ovseg_jax import configs, demo, optim
+from ovseg_jax import configs, optim
+from tests import clip_fixtures as demo
 from ovseg_jax.models.clip import ClipConfig
 from ovseg_jax.models.maskformer import SegmenterConfig
 from ovseg_jax.models.swin import SwinConfig

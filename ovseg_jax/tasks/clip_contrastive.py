@@ -86,3 +86,23 @@ def post_update(params: dict) -> dict:
     if "logit_scale" in params:
         params = {**params, "logit_scale": clamp_logit_scale(params["logit_scale"])}
     return params
+
+
+def make_data(config):
+    """This process's batches for `config.data.kind`: "clip_pairs" (masked-crop pairs file, `.csv`
+    or `.jsonl`) or "captions" (image-caption JSON lines), tokenised with `config.data.tokenizer`."""
+    from ovseg_jax.data import pipeline  # noqa: PLC0415
+    from ovseg_jax.text import Tokenizer  # noqa: PLC0415
+
+    d = config.data
+    tokenizer = Tokenizer.load(d.tokenizer, context_length=model_config(config).context_length)
+    common = dict(batch_size=config.batch_size, seed=d.get("seed", config.seed), num_workers=d.get("num_workers", 0),
+                  skip_bad_examples=d.get("skip_bad_examples", False))
+    size = model_config(config).image_size
+    if d.kind == "clip_pairs":
+        return iter(pipeline.clip_pairs_loader(d.path, tokenizer, image_size=size,
+                                               region_mask=model_config(config).mask_prompt_depth > 0, **common))
+    if d.kind == "captions":
+        return iter(pipeline.caption_loader(d.path, tokenizer, image_size=size, **common))
+    raise ValueError(f"config.data.kind={d.kind!r}: the clip task reads 'clip_pairs' or 'captions' "
+                     "(or use kind='python' with a factory)")

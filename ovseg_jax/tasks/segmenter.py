@@ -58,20 +58,34 @@ def model_config(config) -> SegmenterConfig:
 
 
 def check_inputs(config) -> None:
-    """Fail early, naming the expected files, when an input of the stage is missing."""
-    for field, what in [("init_from", "segmenter initialisation: an ImageNet Swin-B / detectron2 R-101 "
-                                      "checkpoint, an OVSeg .pth, or a segmenter workdir"),
-                        ("model.clip_init", "the frozen CLIP for the class-name embeddings: OpenAI "
-                                            "ViT-L-14.pt / ViT-B-16.pt, a transformers CLIP directory, "
-                                            "or a CLIP-stage workdir")]:
-        value = config.get(field) if "." not in field else config.model.get(field.split(".")[1])
-        if value and not Path(value).exists():
-            raise FileNotFoundError(f"config.{field}={value!r} does not exist. Expected {what}; "
-                                    "see docs/training.md, 'Inputs'.")
-    if not config.model.get("clip_init"):
+    """Fail early with one message naming every missing input (weights, tokenizer, dataset layout)."""
+    m = config.model
+    if not m.get("clip_init"):
         raise ValueError("config.model.clip_init is required: the CLIP whose text tower embeds the class names")
-    if not list(config.model.get("class_names") or []):
+    if not list(m.get("class_names") or []):
         raise ValueError("config.model.class_names is empty: the segmenter needs its training classes")
+    missing = []
+    for field, value, what in [
+            ("init_from", config.get("init_from"), "segmenter initialisation: the ImageNet Swin-B checkpoint "
+             "(swin_base_patch4_window12_384_22k.pth from microsoft/Swin-Transformer), detectron2's R-103.pkl, "
+             "an OVSeg .pth or a segmenter workdir"),
+            ("model.clip_init", m.clip_init, "the frozen CLIP for the class names: OpenAI ViT-L-14.pt / "
+             "ViT-B-16.pt (the `clip` package downloads them), a transformers CLIP directory or a CLIP-stage workdir"),
+            ("model.tokenizer", m.get("tokenizer"), "OpenAI's bpe_simple_vocab_16e6.txt.gz (in the `clip` "
+             "package) or a tokenizer directory")]:
+        if value and not Path(value).exists():
+            missing.append(f"config.{field}={value!r}: {what}")
+    data = config.get("data")
+    if data and data.get("dataset"):
+        from ovseg_jax.data import registry  # noqa: PLC0415
+        from ovseg_jax.data.sources import DatasetLayoutError  # noqa: PLC0415
+
+        try:
+            registry.get(data.dataset).make_source(data.root, data.get("split", "train"))
+        except DatasetLayoutError as e:
+            missing.append(f"config.data ({data.dataset} under {data.root!r}): {e}")
+    if missing:
+        raise FileNotFoundError("missing inputs:\n- " + "\n- ".join(missing))
 
 
 def _frozen_clip(config):
@@ -106,8 +120,7 @@ def build_model(config, *, dtype, rngs: nnx.Rngs) -> SegmenterWithTextBank:
         segmenter = Segmenter(cfg, dtype=dtype, rngs=rngs)
     elif checkpoint.is_checkpoint_dir(init):
         segmenter = Segmenter(cfg, dtype=dtype, rngs=rngs)
-        params = {k.removeprefix("segmenter/"): v for k, v in checkpoint.load_params(init).items()}
-        checkpoint.assign_params(segmenter, params, source=init)
+        _assign_trained(segmenter, init)
     else:
         from ovseg_jax.segmenter import load  # noqa: PLC0415
 
@@ -119,6 +132,21 @@ def build_model(config, *, dtype, rngs: nnx.Rngs) -> SegmenterWithTextBank:
     weights = config.get("loss") or loss_config()
     return SegmenterWithTextBank(segmenter, bank, LossWeights(ce=weights.ce, mask=weights.mask, dice=weights.dice),
                                  weights.no_object)
+
+
+def _assign_trained(segmenter: Segmenter, workdir: str | Path) -> None:
+    params = {k.removeprefix("segmenter/"): v for k, v in checkpoint.load_params(workdir).items()}
+    checkpoint.assign_params(segmenter, params, source=str(workdir))
+
+
+def load_trained(workdir: str | Path, *, dtype=jnp.float32) -> Segmenter:
+    """The segmenter of a segmenter-stage workdir's latest checkpoint (architecture from its config)."""
+    saved = checkpoint.load_config(workdir)
+    if saved.get("task") != "segmenter":
+        raise ValueError(f"{workdir}: a {saved.get('task')!r} run, not a segmenter stage")
+    segmenter = Segmenter(SegmenterConfig.from_dict(saved["model"]["segmenter"]), dtype=dtype, rngs=nnx.Rngs(0))
+    _assign_trained(segmenter, workdir)
+    return segmenter
 
 
 def loss(model: SegmenterWithTextBank, batch, rng: jax.Array):
@@ -135,3 +163,16 @@ def post_update(params: dict) -> dict:
 def loss_config(ce: float = 1.0, mask: float = 20.0, dice: float = 1.0, no_object: float = 0.1):
     """Loss weights of reference 3.3 (CE 1, focal 20, dice 1; non-object class weight 0.1)."""
     return ml_collections.ConfigDict({"ce": ce, "mask": mask, "dice": dice, "no_object": no_object})
+
+
+def make_data(config):
+    """This process's training batches of `config.data.dataset` (a registry name) under `config.data.root`."""
+    from ovseg_jax.data import pipeline, registry, transforms  # noqa: PLC0415
+
+    d = config.data
+    source = registry.get(d.dataset).make_source(d.root, d.get("split", "train"))
+    return iter(pipeline.segmentation_loader(
+        source, batch_size=config.batch_size, crop_size=d.crop_size, max_masks=d.max_masks,
+        scales=tuple(d.get("scales") or transforms.TRAIN_SCALES), max_size=d.get("max_size", 2560),
+        seed=d.get("seed", config.seed), num_workers=d.get("num_workers", 0),
+        skip_bad_examples=d.get("skip_bad_examples", False)))
