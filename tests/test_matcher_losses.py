@@ -76,9 +76,21 @@ def test_hungarian_match_avoids_non_finite_pairs():
     assert 0 not in index[0] and index[1, 0] == 5 and index[2, 1] in (0, 1)
 
 
-def test_hungarian_match_needs_enough_queries():
+def test_hungarian_match_rejects_bad_shapes():
     with pytest.raises(ValueError, match="Q=2 < G=3"):
         hungarian_match(jnp.zeros((1, 2, 3)), jnp.ones((1, 3), bool))
+    with pytest.raises(ValueError, match=r"gt_valid \[B, G\]"):
+        hungarian_match(jnp.zeros((2, 5, 3)), jnp.ones((2, 5), bool))
+
+
+def test_hungarian_match_solves_bfloat16_costs_in_float32():
+    cost = np.random.RandomState(2).rand(4, 9, 6).astype(np.float32)
+    cost16 = jnp.asarray(cost, jnp.bfloat16)
+    index = np.asarray(hungarian_match(cost16, jnp.ones((4, 6), bool))[0])
+    exact = np.asarray(cost16, np.float64)
+    for b in range(4):
+        rows, cols = linear_sum_assignment(exact[b])
+        assert exact[b][index[b], np.arange(6)].sum() == pytest.approx(exact[b][rows, cols].sum(), abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

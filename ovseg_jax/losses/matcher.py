@@ -79,7 +79,7 @@ def _assign(cost: jax.Array) -> jax.Array:
 def hungarian_match(cost: jax.Array, gt_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Minimum-cost one-to-one matching of ground truth to queries, batched.
 
-    cost: `[B, Q, G]` finite (query x ground truth), Q >= G. gt_valid: `[B, G]` bool.
+    cost: `[B, Q, G]` (query x ground truth; solved in at least float32), Q >= G. gt_valid: `[B, G]` bool.
     Returns `(query_index [B, G] int32, valid [B, G] bool)`: ground truth g of image b is matched
     to query `query_index[b, g]` when `valid[b, g]`; the entries of padded ground truth are
     arbitrary (but distinct) queries. Same optimum as `scipy.optimize.linear_sum_assignment`
@@ -87,11 +87,15 @@ def hungarian_match(cost: jax.Array, gt_valid: jax.Array) -> tuple[jax.Array, ja
     transformers' matcher does: such pairs are matched only when nothing else is left); exactness
     holds for finite costs well inside float32 range.
     """
+    if cost.ndim != 3 or gt_valid.shape != (cost.shape[0], cost.shape[2]):
+        raise ValueError(f"hungarian_match expects cost [B, Q, G] and gt_valid [B, G]; got {cost.shape} and "
+                         f"{gt_valid.shape}")
     b, q, g = cost.shape
     if q < g:
         raise ValueError(f"hungarian_match needs at least as many queries as ground-truth slots; got Q={q} < G={g}")
     # Non-finite costs (from a diverged model) become a large penalty so that the search stays
     # well-defined; the loss is non-finite then anyway and the trainer stops.
+    cost = cost.astype(jnp.promote_types(cost.dtype, jnp.float32))  # potentials need >= float32
     cost = jnp.where(jnp.isfinite(cost), jnp.clip(cost, -_COST_LIMIT, _COST_LIMIT), _COST_LIMIT)
     rows = jnp.where(gt_valid[:, :, None], jnp.swapaxes(cost, 1, 2), 0)  # [B, G, Q]
     return jax.vmap(_assign)(rows), gt_valid
