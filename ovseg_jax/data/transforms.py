@@ -49,8 +49,8 @@ def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
     """uint8 RGB `[..., 3]` -> uint8 HSV as OpenCV's 8-bit conversion: H in [0, 180), S, V in [0, 255]."""
     x = rgb.astype(np.float32)
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    v = x.max(-1)
-    diff = v - x.min(-1)
+    v = np.maximum(np.maximum(r, g), b)  # (reductions over a length-3 axis are slow in numpy)
+    diff = v - np.minimum(np.minimum(r, g), b)
     s = np.where(v > 0, diff * 255.0 / np.maximum(v, 1), 0.0)
     d = np.maximum(diff, 1e-6)
     h = np.where(v == r, 60.0 * (g - b) / d, np.where(v == g, 120.0 + 60.0 * (b - r) / d, 240.0 + 60.0 * (r - g) / d))
@@ -68,8 +68,8 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     f = h - sector
     sector = sector.astype(np.int32) % 6
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    table = np.stack([np.stack(c, -1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 0)
-    rgb = np.take_along_axis(table, sector[None, ..., None], 0)[0]
+    rgb = np.stack([np.choose(sector, (v, q, p, p, t, v)), np.choose(sector, (t, v, v, q, p, p)),
+                    np.choose(sector, (p, p, t, v, v, q))], -1)
     return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
 
 
