@@ -129,3 +129,12 @@ def test_loader_raises_or_skips_and_counts(coco_with_bad_files):
     batches = list(it)
     assert len(batches) == 2 and it.num_skipped == 4  # epoch 1's bad files precede epoch 2's good ones
     assert it.get_state()["num_skipped"] == 4
+    it = iter(pipeline.segmentation_loader(coco_with_bad_files, skip_bad_examples=True, num_workers=1,
+                                           **{**kwargs, "num_epochs": 2}))
+    try:  # the count travels with the examples out of the worker process
+        assert len(list(it)) == 2 and it.num_skipped == 4
+    finally:
+        it.close()
+    examples = iter(pipeline.eval_loader(coco_with_bad_files, short=24, bucket=32, skip_bad_examples=True,
+                                         process_index=0, process_count=1))
+    assert [int(e["index"]) for e in examples] == [0, 1] and examples.num_skipped == 4  # trailing skips counted

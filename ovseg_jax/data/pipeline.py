@@ -48,13 +48,20 @@ def _produce(read: Callable[[int], Any], transform: Callable[[Any, np.random.Gen
 
 
 class _DropBadIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, flush: bool):
         super().__init__(parent)
         self._pending = 0
+        self._flush = flush
 
     def __next__(self) -> dict:
         while True:
-            element = next(self._parent)
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                if not (self._flush and self._pending):
+                    raise
+                count, self._pending = self._pending, 0
+                return {_SKIPPED: np.int32(count)}  # skips after the last good element
             if _BAD in element:
                 log.warning("skipped bad example: %s", element[_BAD])
                 self._pending += 1
@@ -72,10 +79,15 @@ class _DropBadIterator(grain.DatasetIterator):
 
 
 class _DropBad(grain.IterDataset):
-    """Drops bad-example markers; the next good element carries how many were dropped before it."""
+    """Drops bad-example markers; the next good element carries how many were dropped before it
+    (`flush`: an unbatched stream ends with a count-only element for trailing skips)."""
+
+    def __init__(self, parent: grain.IterDataset, flush: bool = False):
+        super().__init__(parent)
+        self._flush = flush
 
     def __iter__(self) -> _DropBadIterator:
-        return _DropBadIterator(self._parent.__iter__())
+        return _DropBadIterator(self._parent.__iter__(), self._flush)
 
 
 class _CountSkipsIterator(grain.DatasetIterator):
@@ -84,12 +96,14 @@ class _CountSkipsIterator(grain.DatasetIterator):
         self.num_skipped = 0
 
     def __next__(self) -> dict:
-        batch = next(self._parent)
-        skipped = int(np.sum(batch.pop(_SKIPPED, 0)))
-        if skipped:
-            self.num_skipped += skipped
-            log.warning("%d bad examples skipped so far", self.num_skipped)
-        return batch
+        while True:
+            batch = next(self._parent)
+            skipped = int(np.sum(batch.pop(_SKIPPED, 0)))
+            if skipped:
+                self.num_skipped += skipped
+                log.warning("%d bad examples skipped so far", self.num_skipped)
+            if batch:  # (a count-only element carries no data)
+                return batch
 
     def get_state(self) -> dict:
         return {"parent": self._parent.get_state(), "num_skipped": self.num_skipped}
@@ -134,7 +148,7 @@ def _build(num_records: int, read: Callable[[int], Any], transform: Callable, *,
     if batch_size is not None and not skip_bad_examples:  # batches formed before the worker split
         it = ds.batch(batch_size // count, drop_remainder=drop_remainder).to_iter_dataset()
     else:  # the batch composition then depends on the skips (and on num_workers)
-        it = _DropBad(ds.to_iter_dataset())
+        it = _DropBad(ds.to_iter_dataset(), flush=batch_size is None)
         if batch_size is not None:
             it = it.batch(batch_size // count, drop_remainder=drop_remainder)
     if num_workers > 0:
