@@ -63,6 +63,22 @@ def test_state_round_trips_through_json(world):
     assert all(_equal(x, next(resumed)) for x in expected)
 
 
+def test_state_round_trips_through_orbax(world, tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
+
+    it = iter(_seg(world))
+    next(it)
+    manager = ocp.CheckpointManager(tmp_path / "ckpt", options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+    expected = next(it)
+    resumed = iter(_seg(world))
+    manager.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+    assert _equal(expected, next(resumed))
+    manager.close()
+
+
 def test_workers_give_the_same_batches(world):
     plain = _take(_seg(world), 3)
     it = iter(_seg(world, num_workers=1))
