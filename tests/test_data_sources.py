@@ -46,7 +46,7 @@ def test_reads_prepared_layout(tmp_path, name, split, image_dir, label_dir, labe
         label[0, :3] = spec.ignore_value
         labels[stem] = label
         _write_pair(tmp_path, image_dir, label_dir, stem, label, label_ext, rng)
-    if image_dir.endswith("JPEGImages"):  # a shared image folder holds images of other splits too
+    if not name.startswith("ade"):  # label-indexed: images without a label (other splits) are not examples
         Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp_path / image_dir / "other.jpg")
     source = spec.make_source(tmp_path, split)
     assert len(source) == 2 and source.ignore_value == spec.ignore_value
@@ -91,9 +91,9 @@ def test_missing_or_empty_dataset_names_expected_layout(tmp_path):
 
 
 @pytest.fixture()
-def coco_with_bad_files(tmp_path):
-    """Six COCO-layout examples: 2 good, then one of each kind of bad input."""
-    image_dir, label_dir = "coco/train2017", "coco/stuffthingmaps_detectron2/train2017"
+def ade_with_bad_files(tmp_path):
+    """Six ADE20K-150-layout examples: 2 good, then one of each kind of bad input."""
+    image_dir, label_dir = "ADEChallengeData2016/images/training", "ADEChallengeData2016/annotations_detectron2/training"
     rng = np.random.default_rng(1)
     good = np.full((20, 24), 3, np.uint8)
     for stem in ("0_good", "1_good", "2_corrupt", "3_nolabel", "4_size", "5_values"):
@@ -102,39 +102,39 @@ def coco_with_bad_files(tmp_path):
     (tmp_path / label_dir / "3_nolabel.png").unlink()
     Image.fromarray(np.zeros((19, 24), np.uint8)).save(tmp_path / label_dir / "4_size.png")
     Image.fromarray(np.full((20, 24), 200, np.uint8)).save(tmp_path / label_dir / "5_values.png")
-    return registry.get("coco_stuff_171").make_source(tmp_path, "train")
+    return registry.get("ade20k_150").make_source(tmp_path, "train")
 
 
-def test_bad_examples_name_the_file(coco_with_bad_files):
-    source = coco_with_bad_files
+def test_bad_examples_name_the_file(ade_with_bad_files):
+    source = ade_with_bad_files
     assert source[0]["label"].max() == 3
     cases = {2: r"2_corrupt\.jpg: cannot decode image", 3: r"3_nolabel\.png: label file not found",
              4: r"4_size\.png: label size 24x19 \(WxH\) differs from image .*4_size\.jpg size 24x20",
-             5: r"5_values\.png: label values \[200\] outside 0\.\.170 \(ignore value 255\)"}
+             5: r"5_values\.png: label values \[200\] outside 0\.\.149 \(ignore value 255\)"}
     for index, message in cases.items():
         with pytest.raises(BadExampleError, match=message):
             source[index]
 
 
-def test_loader_raises_or_skips_and_counts(coco_with_bad_files):
+def test_loader_raises_or_skips_and_counts(ade_with_bad_files):
     kwargs = dict(batch_size=2, crop_size=16, max_masks=4, scales=(20,), shuffle=False, num_epochs=1,
                   process_index=0, process_count=1)
     with pytest.raises(BadExampleError, match="2_corrupt"):
-        list(pipeline.segmentation_loader(coco_with_bad_files, **kwargs))
-    it = iter(pipeline.segmentation_loader(coco_with_bad_files, skip_bad_examples=True, **kwargs))
+        list(pipeline.segmentation_loader(ade_with_bad_files, **kwargs))
+    it = iter(pipeline.segmentation_loader(ade_with_bad_files, skip_bad_examples=True, **kwargs))
     batches = list(it)
     assert len(batches) == 1 and batches[0]["image"].shape == (2, 16, 16, 3)
     assert it.num_skipped == 0  # the four bad ones come after the last good one: nothing follows them
-    it = iter(pipeline.segmentation_loader(coco_with_bad_files, skip_bad_examples=True, **{**kwargs, "num_epochs": 2}))
+    it = iter(pipeline.segmentation_loader(ade_with_bad_files, skip_bad_examples=True, **{**kwargs, "num_epochs": 2}))
     batches = list(it)
     assert len(batches) == 2 and it.num_skipped == 4  # epoch 1's bad files precede epoch 2's good ones
     assert it.get_state()["num_skipped"] == 4
-    it = iter(pipeline.segmentation_loader(coco_with_bad_files, skip_bad_examples=True, num_workers=1,
+    it = iter(pipeline.segmentation_loader(ade_with_bad_files, skip_bad_examples=True, num_workers=1,
                                            **{**kwargs, "num_epochs": 2}))
     try:  # the count travels with the examples out of the worker process
         assert len(list(it)) == 2 and it.num_skipped == 4
     finally:
         it.close()
-    examples = iter(pipeline.eval_loader(coco_with_bad_files, short=24, bucket=32, skip_bad_examples=True,
+    examples = iter(pipeline.eval_loader(ade_with_bad_files, short=24, bucket=32, skip_bad_examples=True,
                                          process_index=0, process_count=1))
     assert [int(e["index"]) for e in examples] == [0, 1] and examples.num_skipped == 4  # trailing skips counted

@@ -6,7 +6,8 @@
 Layouts are those OVSeg's `datasets/prepare_*.py` scripts write under the datasets root
 (reference 5); class lists are `ovseg_jax/data/classes/<name>.txt`, copied from the original's
 registration code (detectron2's list for ADE20K-150; its trailing space in "window " dropped,
-which the tokenizer drops anyway). Ensemble weights: 0.7 (config default; A-150, A-847),
+which the tokenizer drops anyway). Where the image folder may hold images without labels
+(COCO, shared VOC folders) the label folder lists the examples; ADE lists its images. Ensemble weights: 0.7 (config default; A-150, A-847),
 0.6 (PC-59, PC-459) and 0.45 (PAS-20), as in the README's evaluation commands.
 """
 
@@ -100,8 +101,8 @@ def _register(name: str, ignore: int, weight: float, make, splits: tuple[str, ..
 
 
 _register("coco_stuff_171", 255, 0.7, _folder_source(
-    "coco_stuff_171", 255, {s: (f"coco/{s}2017", f"coco/stuffthingmaps_detectron2/{s}2017") for s in ("train", "val")}),
-    ("train", "val"))
+    "coco_stuff_171", 255, {s: (f"coco/{s}2017", f"coco/stuffthingmaps_detectron2/{s}2017") for s in ("train", "val")},
+    index_by="label"), ("train", "val"))
 _register("ade20k_150", 255, 0.7, _folder_source("ade20k_150", 255, _ade(_ADE150)), ("train", "val"))
 _register("ade20k_847", 65535, 0.7, _folder_source("ade20k_847", 65535, _ade(_ADE847), label_ext=".tif"),
           ("train", "val"))
