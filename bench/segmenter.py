@@ -14,23 +14,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-
-def timed(fn, iters: int) -> tuple[float, float]:
-    """(first-call seconds, mean seconds of the following `iters` calls)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        jax.block_until_ready(fn())
-    return first, (time.perf_counter() - t0) / iters
+from common import print_rate_table, timed  # bench/common.py
 
 
 def main() -> None:
@@ -84,11 +74,7 @@ def main() -> None:
     device = jax.devices()[0]
     print(f"\nSegmenter Swin-B forward, batch {args.batch} @ {args.size}x{args.size} on {device.platform} "
           f"({device.device_kind}), torch threads {torch.get_num_threads()}, {args.iters} timed calls")
-    print(f"{'implementation':<30} {'dtype':<9} {'first call s':>12} {'images/s':>9} {'vs torch':>8}")
-    ref = rows[-1][3] if not args.no_torch else None
-    for name, dt, first, rate in rows:
-        ratio = f"{rate / ref:7.2f}x" if ref else "-"
-        print(f"{name:<30} {dt:<9} {first:12.2f} {rate:9.3f} {ratio:>8}")
+    print_rate_table(rows, "images/s", None if args.no_torch else rows[-1][3])
 
 
 if __name__ == "__main__":

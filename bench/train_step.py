@@ -30,6 +30,8 @@ from ovseg_jax import configs
 from ovseg_jax.models.clip import ClipConfig
 from ovseg_jax.train import Trainer
 
+from common import timed  # bench/common.py
+
 # Dense bf16 peak TFLOP/s per device, by `device_kind` prefix.
 PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0, "TPU v4": 275.0,
                "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0}
@@ -109,13 +111,8 @@ def bench_torch(preset: ClipConfig, batch: dict, dtype: str, iters: int) -> dict
             model.logit_scale.clamp_(0, math.log(100))
         return loss
 
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    return {"first_s": first, "step_s": (time.perf_counter() - t0) / iters}
+    first, step_s = timed(step, iters)
+    return {"first_s": first, "step_s": step_s}
 
 
 SEG_CLASSES, SEG_MASKS = 171, 20
@@ -188,13 +185,8 @@ def bench_segmenter_torch(batch: dict, iters: int) -> dict:
         opt.step()
         return loss
 
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    return {"first_s": first, "step_s": (time.perf_counter() - t0) / iters}
+    first, step_s = timed(step, iters)
+    return {"first_s": first, "step_s": step_s}
 
 
 def main() -> None:

@@ -39,14 +39,14 @@ def check_inputs(config) -> None:
             f"config.init_from={init!r} does not exist. Expected a trainer workdir of the previous "
             "stage (<workdir>/checkpoints/<step>/params) or a CLIP checkpoint: OpenAI ViT-L-14.pt / "
             "ViT-B-16.pt (the `clip` package downloads them), a transformers CLIP directory, or an "
-            "OVSeg .pth; see docs/training.md, 'Inputs'.")
+            "OVSeg .pth; see README.md, 'Training > Inputs'.")
     data = config.data
     if data.get("kind") == "clip_pairs" and not Path(data.path).exists():
         raise FileNotFoundError(
             f"config.data.path={data.path!r} does not exist. Expected the mask-category pairs: the "
             "released coco_proposal_1cap.csv (tab-separated filepath/title) with its crop images, "
             "from the Google Drive link in OVSeg's open_clip_training/README.md, or our JSON-lines "
-            "pairs; see docs/training.md, 'Inputs'.")
+            "pairs; see README.md, 'Training > Inputs'.")
 
 
 def build_model(config, *, dtype, rngs: nnx.Rngs) -> CLIP:
