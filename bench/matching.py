@@ -1,7 +1,7 @@
 """Matching + loss time per batch: on-device JAX vs the original's host-side scipy matching.
 
     .venv/bin/python bench/matching.py                        # 8 images x 100 queries x 50 GT masks, 160->640 px
-    .venv/bin/python bench/matching.py --pred 40 --full 160   # smaller masks (quick CPU run)
+    .venv/bin/python bench/matching.py --pred 40 --full 160 --torch-backward   # smaller masks, quick
 
 Inputs: 6 decoder outputs (random logits over 171+1 classes, random mask logits at `--pred` px)
 and `--gts` random ground-truth masks per image at `--full` px. Rows:
@@ -11,7 +11,7 @@ and `--gts` random ground-truth masks per image at `--full` px. Rows:
 - the full deep-supervised `maskformer_loss` (matching + CE/focal/dice at the target resolution),
   jitted, forward and forward+backward;
 - transformers' torch `MaskFormerLoss` (scipy matching per image and output) on the same inputs,
-  forward and forward+backward.
+  forward (and forward+backward with `--torch-backward`).
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--full", type=int, default=640, help="target mask side")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--torch-backward", action="store_true",
+                        help="also time transformers' loss backward (at 640 px it needs more than 24 GB of memory)")
     args = parser.parse_args()
     b, q, g = args.batch, args.queries, args.gts
     rs = np.random.RandomState(0)
@@ -62,7 +64,14 @@ def main() -> None:
     outputs = {**{k: jnp.asarray(v) for k, v in layers[-1].items()},
                "aux": [{k: jnp.asarray(v) for k, v in layer.items()} for layer in layers[:-1]]}
     targets = {"masks": jnp.asarray(masks), "classes": jnp.asarray(classes), "valid": jnp.asarray(valid)}
-    rows = []
+    device = jax.devices()[0]
+    print(f"\n{b} images x {q} queries x {g} GT masks x {args.outputs} decoder outputs, masks "
+          f"{args.pred}->{args.full} px, {args.classes}+1 classes; JAX on {device.platform} "
+          f"({device.device_kind}), {args.iters} timed calls after the first")
+    print(f"{'what':<52} {'first call s':>12} {'ms / batch':>11}", flush=True)
+
+    def report(name: str, first: float, step: float) -> None:
+        print(f"{name:<52} {first:12.2f} {1000 * step:11.1f}", flush=True)
 
     @jax.jit
     def costs_fn(outputs, targets):
@@ -76,21 +85,21 @@ def main() -> None:
 
     n = args.outputs * b
     first, step = timed(lambda: match_all(outputs, targets), args.iters)
-    rows.append((f"costs + hungarian_match, {n} matrices (JAX jit)", first, step))
+    report(f"costs + hungarian_match, {n} matrices (JAX jit)", first, step)
     cost = costs_fn(outputs, targets)
     cost_valid = jnp.ones((n, g), bool)
     first, step = timed(lambda: hungarian_match(cost, cost_valid), args.iters)
-    rows.append((f"hungarian_match alone, {n} matrices (JAX jit)", first, step))
+    report(f"hungarian_match alone, {n} matrices (JAX jit)", first, step)
     host_cost = np.asarray(cost)
     first, step = timed(lambda: [linear_sum_assignment(c) for c in host_cost], args.iters)
-    rows.append((f"scipy linear_sum_assignment, {n} matrices (host)", first, step))
+    report(f"scipy linear_sum_assignment, {n} matrices (host)", first, step)
 
     loss = jax.jit(lambda o, t: maskformer_loss(o, t)[0])
     first, step = timed(lambda: loss(outputs, targets), args.iters)
-    rows.append((f"maskformer_loss, {args.outputs} outputs (JAX jit)", first, step))
+    report(f"maskformer_loss, {args.outputs} outputs (JAX jit)", first, step)
     loss_grad = jax.jit(jax.value_and_grad(lambda o, t: maskformer_loss(o, t)[0]))
     first, step = timed(lambda: loss_grad(outputs, targets), args.iters)
-    rows.append(("  + gradient (value_and_grad)", first, step))
+    report("  + gradient (value_and_grad)", first, step)
 
     if not args.no_torch:
         import torch
@@ -115,17 +124,11 @@ def main() -> None:
 
         with torch.no_grad():
             first, step = timed(torch_loss, args.iters)
-        rows.append((f"transformers MaskFormerLoss (torch {torch.__version__})", first, step))
-        first, step = timed(torch_loss_backward, args.iters)
-        rows.append(("  + backward", first, step))
+        report(f"transformers MaskFormerLoss (torch {torch.__version__})", first, step)
+        if args.torch_backward:
+            first, step = timed(torch_loss_backward, args.iters)
+            report("  + backward", first, step)
 
-    device = jax.devices()[0]
-    print(f"\n{b} images x {q} queries x {g} GT masks x {args.outputs} decoder outputs, masks "
-          f"{args.pred}->{args.full} px, {args.classes}+1 classes; JAX on {device.platform} "
-          f"({device.device_kind}), {args.iters} timed calls after the first")
-    print(f"{'what':<52} {'first call s':>12} {'ms / batch':>11}")
-    for name, first, step in rows:
-        print(f"{name:<52} {first:12.2f} {1000 * step:11.1f}")
 
 
 if __name__ == "__main__":
