@@ -184,6 +184,50 @@ def test_loss_with_axis_name_equals_the_global_batch_loss(problem):
         np.testing.assert_allclose(split_metrics[name], [value, value], rtol=1e-6, err_msg=name)
 
 
+SHARDED_SCRIPT = """
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ovseg_jax.losses.mask_losses import maskformer_loss
+rs = np.random.RandomState(0)
+B, Q, C, G = 8, 10, 5, 4
+layers = [dict(pred_logits=rs.randn(B, Q, C + 1).astype(np.float32),
+               pred_masks=rs.randn(B, Q, 6, 6).astype(np.float32)) for _ in range(3)]
+outputs = {**layers[-1], "aux": layers[:-1]}
+valid = rs.rand(B, G) > 0.3
+targets = {"masks": (rs.rand(B, G, 24, 24) > 0.5).astype(np.uint8) * valid[..., None, None],
+           "classes": rs.randint(0, C, (B, G)).astype(np.int32), "valid": valid}
+loss_and_grad = jax.jit(jax.value_and_grad(lambda o, t: maskformer_loss(o, t)[0]))
+ref_loss, ref_grad = loss_and_grad(outputs, targets)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+shard = lambda tree: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P("data"))), tree)
+loss, grad = loss_and_grad(shard(outputs), shard(targets))
+np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), grad, ref_grad)
+assert grad["pred_masks"].sharding.spec == P("data")
+in_shard_map = jax.jit(jax.shard_map(lambda o, t: maskformer_loss(o, t, axis_name="data")[0], mesh=mesh,
+                                     in_specs=(P("data"), P("data")), out_specs=P()))
+np.testing.assert_allclose(in_shard_map(outputs, targets), ref_loss, rtol=1e-6)
+print("ok", jax.device_count())
+"""
+
+
+def test_loss_on_batch_sharded_arrays_and_in_shard_map():
+    """On 4 simulated devices: jit on batch-sharded global arrays and shard_map with axis_name both
+    give the single-device loss (and gradient)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=170)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["ok", "4"]
+
+
 def test_loss_gradients_are_finite_and_reach_every_output(problem):
     import jax
 

@@ -30,6 +30,10 @@ def _assign(cost: jax.Array) -> jax.Array:
     inf = jnp.array(jnp.inf, dtype)
     columns = jnp.arange(m + 1)
 
+    def zeros(shape, dtype=dtype):
+        # `*_like` of the cost: loop carries then vary over the same `shard_map` axes as the cost.
+        return jnp.zeros_like(cost, dtype, shape=shape)
+
     def add_row(i, carry):
         u, v, owner, way = carry  # owner[j]: row assigned to column j (0 = free)
         owner = owner.at[0].set(i)
@@ -56,7 +60,7 @@ def _assign(cost: jax.Array) -> jax.Array:
             minv = jnp.where(used, minv, minv - delta)
             return j1, minv, used, way, u, v
 
-        start = (jnp.array(0), jnp.full(m + 1, inf), jnp.zeros(m + 1, bool), way, u, v)
+        start = (zeros((), jnp.int32), jnp.full_like(cost, jnp.inf, shape=(m + 1,)), zeros((m + 1,), bool), way, u, v)
         j0, _, _, way, u, v = jax.lax.while_loop(searching, grow_tree, start)
 
         def augment(state):
@@ -67,8 +71,7 @@ def _assign(cost: jax.Array) -> jax.Array:
         _, owner = jax.lax.while_loop(lambda s: s[0] != 0, augment, (j0, owner))
         return u, v, owner, way
 
-    init = (jnp.zeros(n + 1, dtype), jnp.zeros(m + 1, dtype), jnp.zeros(m + 1, jnp.int32),
-            jnp.zeros(m + 1, jnp.int32))
+    init = (zeros((n + 1,)), zeros((m + 1,)), zeros((m + 1,), jnp.int32), zeros((m + 1,), jnp.int32))
     _, _, owner, _ = jax.lax.fori_loop(1, n + 1, add_row, init)
     owner = owner.at[0].set(0)  # the sentinel column still names the last row
     column_of_row = jnp.zeros(n + 1, jnp.int32).at[owner].set(columns.astype(jnp.int32))
