@@ -228,6 +228,17 @@ def test_loss_on_batch_sharded_arrays_and_in_shard_map():
     assert result.stdout.split() == ["ok", "4"]
 
 
+def test_loss_rejects_inputs_that_do_not_fit(problem):
+    _, outputs, targets, _, _ = problem
+    with pytest.raises(ValueError, match=r"targets lack \['valid'\]"):
+        maskformer_loss(outputs, {k: v for k, v in targets.items() if k != "valid"})
+    with pytest.raises(ValueError, match="with B = 4 from pred_logits"):
+        maskformer_loss(outputs, {k: v[:3] for k, v in targets.items()})
+    bad_aux = {**outputs, "aux": [{**outputs["aux"][0], "pred_masks": outputs["pred_masks"][:, :, :4]}]}
+    with pytest.raises(ValueError, match=r"aux\[0\] has shapes"):
+        maskformer_loss(bad_aux, targets)
+
+
 def test_loss_gradients_are_finite_and_reach_every_output(problem):
     import jax
 

@@ -85,6 +85,29 @@ def _output_sums(pred_logits: jax.Array, pred_masks: jax.Array, query_index: jax
     return jnp.stack([jnp.sum(class_weight * nll), jnp.sum(class_weight), focal, dice])
 
 
+def _check_shapes(per_output: list[dict], targets: dict) -> None:
+    """Clear errors for inputs that do not fit the documented layout (trace-time, shapes only)."""
+    missing = sorted({"masks", "classes", "valid"} - set(targets))
+    if missing:
+        raise ValueError(f"maskformer_loss: targets lack {missing}; expected masks [B, G, H, W], classes [B, G], "
+                         "valid [B, G]")
+    logits, masks = per_output[0]["pred_logits"], per_output[0]["pred_masks"]
+    if logits.ndim != 3 or masks.ndim != 4 or masks.shape[:2] != logits.shape[:2]:
+        raise ValueError(f"maskformer_loss: expected pred_logits [B, Q, C+1] and pred_masks [B, Q, h, w]; got "
+                         f"{logits.shape} and {masks.shape}")
+    for i, out in enumerate(per_output[1:]):
+        if out["pred_logits"].shape != logits.shape or out["pred_masks"].shape != masks.shape:
+            raise ValueError(f"maskformer_loss: aux[{i}] has shapes {out['pred_logits'].shape}, "
+                             f"{out['pred_masks'].shape}; expected those of the final output {logits.shape}, "
+                             f"{masks.shape}")
+    batch, gts = targets["valid"].shape
+    if (batch != logits.shape[0] or targets["classes"].shape != (batch, gts) or targets["masks"].ndim != 4
+            or targets["masks"].shape[:2] != (batch, gts)):
+        raise ValueError(f"maskformer_loss: targets masks {targets['masks'].shape}, classes "
+                         f"{targets['classes'].shape}, valid {targets['valid'].shape} do not fit masks [B, G, H, W], "
+                         f"classes [B, G], valid [B, G] with B = {logits.shape[0]} from pred_logits")
+
+
 def maskformer_loss(outputs: dict, targets: dict, *, weights: LossWeights = LossWeights(),
                     no_object_weight: float = 0.1, axis_name: str | None = None) -> tuple[jax.Array, dict]:
     """Deep-supervised MaskFormer loss -> (weighted total, metrics).
@@ -94,8 +117,9 @@ def maskformer_loss(outputs: dict, targets: dict, *, weights: LossWeights = Loss
     Metrics hold the unweighted terms: `loss_ce`, `loss_mask`, `loss_dice` for the final output and
     `loss_ce_{i}`, ... for auxiliary output i.
     """
-    num_masks = jnp.maximum(_psum(jnp.sum(targets["valid"].astype(jnp.float32)), axis_name), 1.0)
     per_output = [outputs] + list(outputs.get("aux", []))
+    _check_shapes(per_output, targets)
+    num_masks = jnp.maximum(_psum(jnp.sum(targets["valid"].astype(jnp.float32)), axis_name), 1.0)
     query_index = _match_outputs(per_output, targets, weights)
     stacked = (jnp.stack([out["pred_logits"] for out in per_output]),
                jnp.stack([out["pred_masks"] for out in per_output]), query_index)
