@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Variants: "" (the demo, a few minutes on 2 CPU cores) and "quick" (a handful of steps per stage)."""
     quick = arg == "quick"
     steps = dict(pretrain=4, segmenter=4, clip_ft=4, clip_mpt=4) if quick else \
-        dict(pretrain=600, segmenter=500, clip_ft=150, clip_mpt=150)
+        dict(pretrain=500, segmenter=1000, clip_ft=200, clip_mpt=150)
     root = "outputs/synthetic_world"
     tokenizer = f"{root}/tokenizer"
     clip = clip_config()
@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "dataset": "synthetic", "root": root, "generate": generate, "crop_size": 64, "max_masks": 8,
         "scales": [48, 64, 80, 96], "max_size": 256, "num_workers": 0})
 
-    clip_ft = configs.clip_finetune(clip, lr=1e-4, total_steps=steps["clip_ft"], warmup_steps=10, batch_size=64)
+    clip_ft = configs.clip_finetune(clip, lr=2e-4, total_steps=steps["clip_ft"], warmup_steps=10, batch_size=64)
     clip_ft.init_from = "{workdir}/pretrain"
     clip_ft.data = clip_data("clip_pairs", f"{root}/pairs.jsonl")
 

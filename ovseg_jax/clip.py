@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 from pathlib import Path
@@ -29,8 +28,8 @@ from flax import nnx
 
 from ovseg_jax.convert import clip_keys
 from ovseg_jax.convert.params import nnx_to_torch, torch_to_nnx
-from ovseg_jax.convert.torch_io import (CheckpointError, read_json, read_safetensors, read_state_dict,
-                                        write_safetensors, write_torch_file)
+from ovseg_jax.convert.torch_io import (CheckpointError, read_json, read_safetensors, read_sidecar,
+                                        read_state_dict, write_safetensors, write_sidecar, write_torch_file)
 from ovseg_jax.models.clip import CLIP, ClipConfig
 from ovseg_jax.text import Tokenizer, templates as resolve_templates
 
@@ -39,7 +38,6 @@ log = logging.getLogger(__name__)
 __all__ = ["Clip", "load", "export", "openai_state_dict", "CheckpointError"]
 
 _ANCHORS = ("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight")
-_SIDECAR_SUFFIX = ".ovseg_jax.json"
 _TEXT_BUCKET = 256  # texts per text-tower call; smaller batches are padded to a power of two
 
 
@@ -178,11 +176,8 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], ClipConfig, str
         state.pop(extra, None)
     layout = {"": "openai", "module.": "open_clip", "state_dict.module.": "open_clip",
               "state_dict.": "open_clip"}.get(prefix, "ovseg" if "clip_adapter" in prefix else prefix)
-    sidecar = Path(str(path) + _SIDECAR_SUFFIX)
-    if sidecar.is_file():
-        config = ClipConfig(**read_json(sidecar))
-    else:
-        config = clip_keys.config_from_openai(state, str(path))
+    recorded = read_sidecar(path, "clip")
+    config = ClipConfig(**recorded) if recorded is not None else clip_keys.config_from_openai(state, str(path))
     return state, config, layout
 
 
@@ -270,9 +265,12 @@ def export(clip: Clip, path: str | os.PathLike, format: str = "hf") -> Path:
         write_safetensors(state, path, metadata={"format": "pt"})
     else:
         write_torch_file(state, path)
-    sidecar = Path(str(path) + _SIDECAR_SUFFIX)
-    if clip_keys.config_from_openai(state, str(path)) != clip.config:
-        sidecar.write_text(json.dumps(dataclasses.asdict(clip.config), indent=1))
-    elif sidecar.exists():
-        sidecar.unlink()
+    write_clip_sidecar(path, clip.config, state)
     return path
+
+
+def write_clip_sidecar(path: str | os.PathLike, config: ClipConfig, state: dict[str, np.ndarray]) -> None:
+    """Record `config` next to the OpenAI-layout `state` written at `path` when the keys alone
+    would give a different architecture (OpenAI's loader rules); otherwise clear the record."""
+    derived = clip_keys.config_from_openai(state, str(path))
+    write_sidecar(path, "clip", None if derived == config else dataclasses.asdict(config))

@@ -19,7 +19,6 @@ The architecture is read off the weights (plus a `<path>.ovseg_jax.json` sidecar
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -30,8 +29,8 @@ from flax import nnx
 
 from ovseg_jax.convert import backbone_keys, segmenter_keys as keys
 from ovseg_jax.convert.params import nnx_to_torch, torch_to_nnx
-from ovseg_jax.convert.torch_io import (CheckpointError, read_json, read_safetensors, read_state_dict,
-                                        write_safetensors, write_torch_file)
+from ovseg_jax.convert.torch_io import (SIDECAR_SUFFIX, CheckpointError, read_json, read_safetensors, read_sidecar,
+                                        read_state_dict, write_safetensors, write_sidecar, write_torch_file)
 from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig
 from ovseg_jax.models.swin import relative_position_index
 
@@ -39,7 +38,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["load", "export", "CheckpointError"]
 
-_SIDECAR_SUFFIX = ".ovseg_jax.json"
+CLIP_PREFIX = "clip_adapter.clip_model."
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # x255 as OVSeg's clip_adapter.pixel_mean
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -62,13 +61,13 @@ def _backbone_kind(backbone_state: dict[str, np.ndarray]) -> str | None:
 
 
 def _read_sidecar(path: Path) -> SegmenterConfig | None:
-    sidecar = Path(str(path) + _SIDECAR_SUFFIX)
-    if not sidecar.is_file():
+    recorded = read_sidecar(path, "segmenter")
+    if recorded is None:
         return None
     try:
-        return SegmenterConfig.from_dict(read_json(sidecar))
+        return SegmenterConfig.from_dict(recorded)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{sidecar}: not a segmenter config: {e}") from None
+        raise CheckpointError(f"{path}{SIDECAR_SUFFIX}: not a segmenter config: {e}") from None
 
 
 def _ovseg_config(head: dict, backbone: dict, source: str) -> SegmenterConfig:
@@ -215,7 +214,7 @@ def ovseg_state_dict(segmenter: Segmenter, clip=None) -> dict[str, np.ndarray]:
     if clip is not None:
         from ovseg_jax.clip import openai_state_dict  # noqa: PLC0415
 
-        state.update({f"clip_adapter.clip_model.{k}": v for k, v in openai_state_dict(clip).items()})
+        state.update({f"{CLIP_PREFIX}{k}": v for k, v in openai_state_dict(clip).items()})
         state["clip_adapter.pixel_mean"] = (255 * np.asarray(_CLIP_MEAN, np.float32)).reshape(1, 3, 1, 1)
         state["clip_adapter.pixel_std"] = (255 * np.asarray(_CLIP_STD, np.float32)).reshape(1, 3, 1, 1)
     return state
@@ -234,9 +233,11 @@ def export(segmenter: Segmenter, path: str | os.PathLike, *, clip=None) -> Path:
     else:
         write_torch_file({"model": state}, path)
     head, backbone, _ = keys.split_ovseg(state)
-    sidecar = Path(str(path) + _SIDECAR_SUFFIX)
-    if _ovseg_config(head, backbone, str(path)) != segmenter.config:
-        sidecar.write_text(json.dumps(segmenter.config.to_dict(), indent=1))
-    elif sidecar.exists():
-        sidecar.unlink()
+    derived = _ovseg_config(head, backbone, str(path))
+    write_sidecar(path, "segmenter", None if derived == segmenter.config else segmenter.config.to_dict())
+    if clip is not None:
+        from ovseg_jax.clip import write_clip_sidecar  # noqa: PLC0415
+
+        clip_state = {k[len(CLIP_PREFIX):]: v for k, v in state.items() if k.startswith(CLIP_PREFIX)}
+        write_clip_sidecar(path, (clip.model if hasattr(clip, "model") else clip).config, clip_state)
     return path

@@ -294,3 +294,35 @@ def read_json(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: no such file") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON: {e}") from None
+
+
+SIDECAR_SUFFIX = ".ovseg_jax.json"
+
+
+def read_sidecar(path: str | os.PathLike, section: str) -> dict | None:
+    """The `section` ("clip" / "segmenter") of `<path>.ovseg_jax.json`, the architecture record we
+    write next to exported weights whose shapes alone do not determine it; None when absent."""
+    sidecar = Path(str(path) + SIDECAR_SUFFIX)
+    if not sidecar.is_file():
+        return None
+    data = read_json(sidecar)
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise CheckpointError(f"{sidecar}: expected {{section: config}} JSON with sections 'clip' / 'segmenter'")
+    return data.get(section)
+
+
+def write_sidecar(path: str | os.PathLike, section: str, config: dict | None) -> None:
+    """Set (or with None remove) one section of `<path>.ovseg_jax.json`, atomically; the file is
+    deleted when no section is left."""
+    sidecar = Path(str(path) + SIDECAR_SUFFIX)
+    data = read_json(sidecar) if sidecar.is_file() else {}
+    if config is None:
+        data.pop(section, None)
+    else:
+        data[section] = config
+    if not data:
+        sidecar.unlink(missing_ok=True)
+        return
+    tmp = sidecar.with_name(sidecar.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, sidecar)

@@ -1,0 +1,32 @@
+"""`make demo` end to end (quick variant): every stage trains, evaluation runs, the merged checkpoint loads."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+import ovseg_jax.clip as oclip
+import ovseg_jax.segmenter as oseg
+from ovseg_jax import demo
+from ovseg_jax.tasks.segmenter import load_trained
+
+
+def test_quick_demo_trains_evaluates_and_exports(tmp_path):
+    result = demo.run(tmp_path, "quick")
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["evaluation"] == result["evaluation"]
+    assert [r["clip"] for r in saved["evaluation"]] == [None, "pretrain", "clip_ft", "clip_mpt"]
+    for row in saved["evaluation"]:
+        assert row["images"] == 8
+        assert all(math.isfinite(row[k]) and 0 <= row[k] <= 100 for k in ("mIoU", "mIoU_seen", "pACC"))
+    for stage in ("pretrain", "segmenter", "clip_ft", "clip_mpt"):
+        assert (tmp_path / "train" / stage / "checkpoints").is_dir(), stage
+    # The merged OVSeg checkpoint holds the trained segmenter and the mask-prompted CLIP.
+    clip = oclip.load(tmp_path / "ovseg_synthetic.pth")
+    assert clip.config.mask_prompt_depth == 2
+    segmenter, config = oseg.load(tmp_path / "ovseg_synthetic.pth")
+    trained = load_trained(tmp_path / "train" / "segmenter")
+    np.testing.assert_array_equal(segmenter.non_object_embedding[...], trained.non_object_embedding[...])
+    assert config == trained.config
