@@ -17,7 +17,6 @@ and `--gts` random ground-truth masks per image at `--full` px. Rows:
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,16 +26,7 @@ from scipy.optimize import linear_sum_assignment
 from ovseg_jax.losses.mask_losses import maskformer_loss
 from ovseg_jax.losses.matcher import hungarian_match, matching_cost
 
-
-def timed(fn, iters: int) -> tuple[float, float]:
-    """(first call s, mean s of `iters` later calls)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        jax.block_until_ready(fn())
-    return first, (time.perf_counter() - t0) / iters
+from common import timed  # bench/common.py
 
 
 def main() -> None:
