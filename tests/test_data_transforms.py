@@ -25,13 +25,17 @@ def test_resize_rule_matches_reference_examples():
                                        1152, 1216, 1280)
 
 
-def test_train_transform_crop_is_a_window_of_the_pil_resized_image():
+def test_train_transform_crop_is_a_window_of_the_resized_image_and_label():
+    """Image: PIL bilinear (uint8, as detectron2); label: torch legacy nearest, because MaskFormer's
+    mapper reads labels as float64 and detectron2 then resizes them with F.interpolate."""
+    import torch
     ex = _example()
     out = transforms.train_transform(ex, np.random.default_rng(5), crop_size=32, scales=(48,), max_masks=8,
                                      photometric=False, flip=False)
     h, w = round(40 * 48 / 40), round(56 * 48 / 40)  # short side 40 -> 48
     image = np.asarray(Image.fromarray(ex["image"]).resize((w, h), Image.BILINEAR))
-    label = np.asarray(Image.fromarray(ex["label"]).resize((w, h), Image.NEAREST))
+    label = torch.nn.functional.interpolate(torch.from_numpy(ex["label"].astype(np.float64))[None, None],
+                                            size=(h, w), mode="nearest")[0, 0].numpy().astype(np.int32)
     hits = [(y, x) for y in range(h - 32 + 1) for x in range(w - 32 + 1)
             if np.array_equal(image[y:y + 32, x:x + 32], out["image"])]
     assert len(hits) == 1

@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from ovseg_jax.image_ops import interpolation_matrix
+
 # MaskFormer's MIN_SIZE_TRAIN: int(640 * x / 10) for x in 5..20 (0.5x-2.0x of 640).
 TRAIN_SCALES = tuple(range(320, 1281, 64))
 IMAGE_PAD = 128
@@ -37,10 +39,15 @@ def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 def resize_label(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """int32 `[H, W]` -> `[h, w]`, PIL nearest."""
+    """int32 `[H, W]` -> `[h, w]` with torch's legacy nearest (source index floor(dst * in / out)).
+
+    MaskFormer's dataset mapper reads labels as float64, so detectron2's `ResizeTransform` resizes
+    them with `F.interpolate(mode="nearest")`, not PIL's centred nearest used for uint8 images."""
     if label.shape == tuple(hw):
         return label
-    return np.asarray(Image.fromarray(label.astype(np.int32)).resize((hw[1], hw[0]), Image.NEAREST), np.int32)
+    rows = np.argmax(interpolation_matrix(label.shape[0], hw[0], "nearest"), axis=1)
+    cols = np.argmax(interpolation_matrix(label.shape[1], hw[1], "nearest"), axis=1)
+    return label[rows[:, None], cols[None, :]].astype(np.int32)
 
 
 # --- SSD photometric distortion (MaskFormer's ColorAugSSDTransform) on OpenCV's 8-bit HSV ---
