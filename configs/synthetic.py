@@ -64,6 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         lr=3e-4, weight_decay=0.01, backbone_lr_mult=1.0, total_steps=steps["segmenter"], batch_size=8,
         warmup_steps=20, tokenizer=tokenizer, templates=TEMPLATES)
     segmenter.optim.grad_clip_norm = 1.0  # the reference's 0.01 is tuned for 120k steps at batch 32
+    segmenter.eval_every = steps["segmenter"]  # mIoU of the segmenter alone on val, at the end
+    segmenter.eval = ml_collections.ConfigDict({"dataset": "synthetic", "root": root, "split": "val", "short": 64,
+                                                "max_size": 256, "bucket": 32, "mask_threshold": 0.4,
+                                                "max_examples": 8 if quick else 100})
     segmenter.data = ml_collections.ConfigDict({
         "dataset": "synthetic", "root": root, "generate": generate, "crop_size": 64, "max_masks": 8,
         "scales": [48, 64, 80, 96], "max_size": 256, "num_workers": 0})

@@ -44,6 +44,8 @@ def _set_world(config, root: str) -> None:
     """Point every stage's data (and the evaluation) at the world under `root`."""
     old = config.eval.root
     for name in config.stages:
+        if "eval" in config[name]:
+            config[name].eval.root = root
         data = config[name].data
         for key in ("root", "path", "tokenizer"):
             if key in data:

@@ -23,6 +23,9 @@ def test_quick_demo_trains_evaluates_and_exports(tmp_path):
         assert all(math.isfinite(row[k]) and 0 <= row[k] <= 100 for k in ("mIoU", "mIoU_seen", "pACC"))
     for stage in ("pretrain", "segmenter", "clip_ft", "clip_mpt"):
         assert (tmp_path / "train" / stage / "checkpoints").is_dir(), stage
+    # The segmenter stage's periodic evaluation hook logged its mIoU to TensorBoard.
+    events = b"".join(p.read_bytes() for p in (tmp_path / "train" / "segmenter" / "tensorboard").iterdir())
+    assert b"eval/mIoU" in events
     # The merged OVSeg checkpoint holds the trained segmenter and the mask-prompted CLIP.
     clip = oclip.load(tmp_path / "ovseg_synthetic.pth")
     assert clip.config.mask_prompt_depth == 2

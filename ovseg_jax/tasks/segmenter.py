@@ -176,3 +176,31 @@ def make_data(config):
         scales=tuple(d.get("scales") or transforms.TRAIN_SCALES), max_size=d.get("max_size", 2560),
         seed=d.get("seed", config.seed), num_workers=d.get("num_workers", 0),
         skip_bad_examples=d.get("skip_bad_examples", False)))
+
+
+def make_evaluator(config):
+    """`evaluate(model, step) -> {"eval/mIoU", ...}` on `config.eval` (dataset, root, split, short,
+    max_size, bucket, mask_threshold, max_examples): the segmenter alone (no CLIP ensemble) over the
+    dataset's classes, embedded by the frozen CLIP. None without `config.eval`."""
+    e = config.get("eval")
+    if not e:
+        return None
+    from ovseg_jax.data import pipeline, registry  # noqa: PLC0415
+    from ovseg_jax.evaluate import evaluate_dataset  # noqa: PLC0415
+    from ovseg_jax.predict import Predictor  # noqa: PLC0415
+
+    spec = registry.get(e.dataset)
+    source = spec.make_source(e.root, e.get("split", "val"))
+    clip = _frozen_clip(config)
+
+    def evaluate(model: SegmenterWithTextBank, step: int) -> dict[str, float]:
+        del step
+        predictor = Predictor(model.segmenter, clip, mask_threshold=e.get("mask_threshold", 0.4), ensemble_weight=None,
+                              templates=config.model.get("templates", "vild"))
+        examples = pipeline.eval_loader(source, short=e.get("short", 640), max_size=e.get("max_size", 2560),
+                                        bucket=e.get("bucket", 32))
+        m = evaluate_dataset(predictor, examples, source.class_names, ignore_value=spec.ignore_value,
+                             max_examples=e.get("max_examples"), log_every=0)
+        return {"eval/mIoU": m["mIoU"], "eval/pACC": m["pACC"], "eval/mACC": m["mACC"]}
+
+    return evaluate
