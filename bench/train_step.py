@@ -149,9 +149,7 @@ def bench_segmenter_jax(batch: dict, dtype: str, iters: int, workdir: str) -> di
                                                  bos_token_id=tok.sot_token_id, pad_token_id=tok.eot_token_id)))
     clip.save_pretrained(workdir)
     tok.save(workdir)
-    from ovseg_jax.models.clip import ClipConfig as CC  # noqa: PLC0415
-
-    config = configs.segmenter_training(SegmenterConfig.swin_b().to_dict(), clip=CC(), clip_init=workdir,
+    config = configs.segmenter_training(SegmenterConfig.swin_b().to_dict(), clip_init=workdir,
                                         class_names=names, lr=6e-5, weight_decay=0.01, backbone_lr_mult=1.0,
                                         total_steps=120_000, batch_size=len(batch["image"]))
     return _time_trainer(config, batch, dtype, iters)

@@ -15,14 +15,13 @@ drawn from 256..1024 (0.5x-2x of 512) with the long side capped at 2048.
 
 from ovseg_jax import configs
 from ovseg_jax.data import registry
-from ovseg_jax.models.clip import ClipConfig
 from ovseg_jax.models.maskformer import SegmenterConfig
 
 
 def get_config(arg=None):
     del arg
     c = configs.segmenter_training(
-        SegmenterConfig.r101c(clip_dim=512).to_dict(), clip=ClipConfig.vit_b16(), clip_init="weights/ViT-B-16.pt",
+        SegmenterConfig.r101c(clip_dim=512).to_dict(), clip_init="weights/ViT-B-16.pt",
         class_names=list(registry.class_names("coco_stuff_171")), lr=2e-4, weight_decay=1e-4, backbone_lr_mult=0.1,
         total_steps=120_000, batch_size=32, warmup_steps=1500, tokenizer="weights/bpe_simple_vocab_16e6.txt.gz")
     c.init_from = "weights/R-103.pkl"

@@ -14,14 +14,13 @@ WarmupPolyLR (1500 warmup, 120k iterations), global batch 32, 640 crops.
 
 from ovseg_jax import configs
 from ovseg_jax.data import registry
-from ovseg_jax.models.clip import ClipConfig
 from ovseg_jax.models.maskformer import SegmenterConfig
 
 
 def get_config(arg=None):
     del arg
     c = configs.segmenter_training(
-        SegmenterConfig.swin_b(clip_dim=768).to_dict(), clip=ClipConfig.vit_l14(), clip_init="weights/ViT-L-14.pt",
+        SegmenterConfig.swin_b(clip_dim=768).to_dict(), clip_init="weights/ViT-L-14.pt",
         class_names=list(registry.class_names("coco_stuff_171")), lr=6e-5, weight_decay=0.01, backbone_lr_mult=1.0,
         total_steps=120_000, batch_size=32, warmup_steps=1500, tokenizer="weights/bpe_simple_vocab_16e6.txt.gz")
     c.init_from = "weights/swin_base_patch4_window12_384_22k.pth"

@@ -12,7 +12,6 @@ tuning (4.3). The world (`ovseg_jax.data.synthetic`) is generated into `data.roo
 and writes the merged OVSeg checkpoint.
 """
 
-import dataclasses
 
 import ml_collections
 
@@ -60,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     pretrain.data = clip_data("captions", f"{root}/captions.jsonl")
 
     segmenter = configs.segmenter_training(
-        segmenter_config().to_dict(), clip=clip, clip_init="{workdir}/pretrain", class_names=list(synthetic.SEEN),
+        segmenter_config().to_dict(), clip_init="{workdir}/pretrain", class_names=list(synthetic.SEEN),
         lr=3e-4, weight_decay=0.01, backbone_lr_mult=1.0, total_steps=steps["segmenter"], batch_size=8,
         warmup_steps=20, tokenizer=tokenizer, templates=TEMPLATES)
     segmenter.optim.grad_clip_norm = 1.0  # the reference's 0.01 is tuned for 120k steps at batch 32
@@ -93,6 +92,3 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                         "ensemble_weight": 0.7, "templates": TEMPLATES,
                                         "max_examples": 8 if quick else 100})
     return c
-
-
-__all__ = ["get_config", "clip_config", "segmenter_config", "dataclasses"]

@@ -112,18 +112,18 @@ def segmenter_optim(lr: float, weight_decay: float, backbone_lr_mult: float, tot
     })
 
 
-def segmenter_training(segmenter: dict, *, clip: ClipConfig, clip_init: str, class_names: list[str],
+def segmenter_training(segmenter: dict, *, clip_init: str, class_names: list[str],
                        lr: float, weight_decay: float, backbone_lr_mult: float, total_steps: int,
                        batch_size: int, warmup_steps: int = 1500, tokenizer: str = "",
                        templates: str | list[str] = "vild") -> ml_collections.ConfigDict:
     """Segmenter stage (reference 3): `segmenter` is `SegmenterConfig.to_dict()`; the frozen CLIP
-    `clip_init` (architecture `clip`; tokenizer files `tokenizer` when it has none) embeds
+    `clip_init` (tokenizer files `tokenizer` when it has none) embeds
     `class_names` with `templates` (the 14 ViLD templates by default)."""
     from ovseg_jax.tasks.segmenter import loss_config  # noqa: PLC0415
 
     c = base("segmenter")
     c.model = ml_collections.ConfigDict({
-        "segmenter": segmenter, "clip": dataclasses.asdict(clip), "clip_init": clip_init, "tokenizer": tokenizer,
+        "segmenter": segmenter, "clip_init": clip_init, "tokenizer": tokenizer,
         "templates": templates, "class_names": list(class_names)})
     c.loss = loss_config()
     c.optim = segmenter_optim(lr, weight_decay, backbone_lr_mult, total_steps, warmup_steps)

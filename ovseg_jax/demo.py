@@ -23,7 +23,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 
 log = logging.getLogger("ovseg_jax.demo")
 
@@ -130,5 +129,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     main()

@@ -31,6 +31,7 @@ from ovseg_jax.convert import backbone_keys, segmenter_keys as keys
 from ovseg_jax.convert.params import nnx_to_torch, torch_to_nnx
 from ovseg_jax.convert.torch_io import (SIDECAR_SUFFIX, CheckpointError, read_json, read_safetensors, read_sidecar,
                                         read_state_dict, write_safetensors, write_sidecar, write_torch_file)
+from ovseg_jax.masked_crops import CLIP_MEAN, CLIP_STD
 from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig
 from ovseg_jax.models.swin import relative_position_index
 
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 __all__ = ["load", "export", "CheckpointError"]
 
 CLIP_PREFIX = "clip_adapter.clip_model."
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # x255 as OVSeg's clip_adapter.pixel_mean
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _strip_model_wrapper(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -215,8 +214,8 @@ def ovseg_state_dict(segmenter: Segmenter, clip=None) -> dict[str, np.ndarray]:
         from ovseg_jax.clip import openai_state_dict  # noqa: PLC0415
 
         state.update({f"{CLIP_PREFIX}{k}": v for k, v in openai_state_dict(clip).items()})
-        state["clip_adapter.pixel_mean"] = (255 * np.asarray(_CLIP_MEAN, np.float32)).reshape(1, 3, 1, 1)
-        state["clip_adapter.pixel_std"] = (255 * np.asarray(_CLIP_STD, np.float32)).reshape(1, 3, 1, 1)
+        state["clip_adapter.pixel_mean"] = (255 * np.asarray(CLIP_MEAN, np.float32)).reshape(1, 3, 1, 1)
+        state["clip_adapter.pixel_std"] = (255 * np.asarray(CLIP_STD, np.float32)).reshape(1, 3, 1, 1)
     return state
 
 

@@ -8,7 +8,6 @@ import pytest
 
 from ovseg_jax import configs, optim
 from tests import clip_fixtures as demo
-from ovseg_jax.models.clip import ClipConfig
 from ovseg_jax.models.maskformer import SegmenterConfig
 from ovseg_jax.models.swin import SwinConfig
 from ovseg_jax.train import Trainer
@@ -26,7 +25,7 @@ def tiny_segmenter_config(clip_dir, total_steps=3):
     seg = SegmenterConfig(backbone_config=SwinConfig.tiny_test(), num_queries=5, hidden_dim=32, conv_dim=32,
                           mask_dim=32, dec_layers=2, nheads=2, dim_feedforward=32, class_hidden_dim=32,
                           clip_dim=32)
-    c = configs.segmenter_training(seg.to_dict(), clip=ClipConfig(), clip_init=str(clip_dir), class_names=CLASSES,
+    c = configs.segmenter_training(seg.to_dict(), clip_init=str(clip_dir), class_names=CLASSES,
                                    lr=1e-3, weight_decay=0.01, backbone_lr_mult=0.1, total_steps=total_steps,
                                    batch_size=2, warmup_steps=1)
     c.log_every = 1

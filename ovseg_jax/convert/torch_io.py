@@ -146,11 +146,6 @@ def write_torch_file(obj: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def unflatten_prefix(flat: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    """Keys under `prefix` with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-
-
 # --------------------------------------------------------------------------------------------
 # detectron2 .pkl: a pickle of {"model": {name: np.ndarray}, ...}; only numpy may be rebuilt.
 

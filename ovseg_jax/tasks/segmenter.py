@@ -5,8 +5,8 @@ Config fields:
 - `config.model.segmenter`: `SegmenterConfig.to_dict()` (backbone kind + config, decoder sizes,
   `clip_dim` = the CLIP's embedding width).
 - `config.model.clip_init`: the frozen CLIP that embeds the class names (any checkpoint
-  `ovseg_jax.clip.load` reads, or a CLIP-stage trainer workdir); `config.model.clip` its
-  `ClipConfig` fields when it is a workdir; `config.model.tokenizer` a tokenizer directory or
+  `ovseg_jax.clip.load` reads, or a CLIP-stage trainer workdir, whose saved config gives the
+  architecture); `config.model.tokenizer` a tokenizer directory or
   OpenAI BPE file when the checkpoint has none; `config.model.templates` ("vild").
 - `config.model.class_names`: the training classes (e.g. the 171 COCO-Stuff names).
 - `config.init_from`: "" (random init), an OVSeg `.pth`, a backbone-only checkpoint (ImageNet Swin,
@@ -91,16 +91,15 @@ def check_inputs(config) -> None:
 def _frozen_clip(config):
     """The `ovseg_jax.clip.Clip` of `config.model.clip_init` with its tokenizer."""
     from ovseg_jax.clip import Clip, load  # noqa: PLC0415  (imports transformers' tokenizer code)
-    from ovseg_jax.models.clip import CLIP, ClipConfig  # noqa: PLC0415
+    from ovseg_jax.merge import clip_from_workdir  # noqa: PLC0415
     from ovseg_jax.text import Tokenizer  # noqa: PLC0415
 
     m = config.model
     tokenizer = m.get("tokenizer") or None
     if checkpoint.is_checkpoint_dir(m.clip_init):
-        model = CLIP(ClipConfig(**m.clip.to_dict()), rngs=nnx.Rngs(0))
-        checkpoint.assign_params(model, checkpoint.load_params(m.clip_init), source=m.clip_init)
         if tokenizer is None:
             raise ValueError("config.model.tokenizer is required with a workdir as config.model.clip_init")
+        model = clip_from_workdir(m.clip_init)
         return Clip(model, Tokenizer.load(tokenizer, context_length=model.config.context_length))
     return load(m.clip_init, mask_prompt_depth=0, tokenizer=tokenizer)
 
