@@ -28,8 +28,9 @@ from flax import nnx
 
 from ovseg_jax.convert import clip_keys
 from ovseg_jax.convert.params import nnx_to_torch, torch_to_nnx
-from ovseg_jax.convert.torch_io import (CheckpointError, read_json, read_safetensors, read_sidecar,
-                                        read_state_dict, write_safetensors, write_sidecar, write_torch_file)
+from ovseg_jax.convert.torch_io import (SIDECAR_SUFFIX, CheckpointError, check_sidecar_fields, read_json,
+                                        read_safetensors, read_sidecar, read_state_dict, write_safetensors,
+                                        write_sidecar, write_torch_file)
 from ovseg_jax.models.clip import CLIP, ClipConfig
 from ovseg_jax.text import Tokenizer, templates as resolve_templates
 
@@ -177,6 +178,8 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], ClipConfig, str
     layout = {"": "openai", "module.": "open_clip", "state_dict.module.": "open_clip",
               "state_dict.": "open_clip"}.get(prefix, "ovseg" if "clip_adapter" in prefix else prefix)
     recorded = read_sidecar(path, "clip")
+    if recorded is not None:
+        check_sidecar_fields(recorded, ClipConfig, f"{path}{SIDECAR_SUFFIX} (section 'clip')")
     config = ClipConfig(**recorded) if recorded is not None else clip_keys.config_from_openai(state, str(path))
     return state, config, layout
 

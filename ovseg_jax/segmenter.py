@@ -29,11 +29,13 @@ from flax import nnx
 
 from ovseg_jax.convert import backbone_keys, segmenter_keys as keys
 from ovseg_jax.convert.params import nnx_to_torch, torch_to_nnx
-from ovseg_jax.convert.torch_io import (SIDECAR_SUFFIX, CheckpointError, read_json, read_safetensors, read_sidecar,
-                                        read_state_dict, write_safetensors, write_sidecar, write_torch_file)
+from ovseg_jax.convert.torch_io import (SIDECAR_SUFFIX, CheckpointError, check_sidecar_fields, read_json,
+                                        read_safetensors, read_sidecar, read_state_dict, write_safetensors,
+                                        write_sidecar, write_torch_file)
 from ovseg_jax.masked_crops import CLIP_MEAN, CLIP_STD
 from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig
-from ovseg_jax.models.swin import relative_position_index
+from ovseg_jax.models.resnet import ResNetConfig
+from ovseg_jax.models.swin import SwinConfig, relative_position_index
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,15 @@ def _read_sidecar(path: Path) -> SegmenterConfig | None:
     recorded = read_sidecar(path, "segmenter")
     if recorded is None:
         return None
+    where = f"{path}{SIDECAR_SUFFIX} (section 'segmenter')"
+    check_sidecar_fields(recorded, SegmenterConfig, where)
+    backbones = {"swin": SwinConfig, "resnet": ResNetConfig}
+    if recorded.get("backbone") in backbones and isinstance(recorded.get("backbone_config"), dict):
+        check_sidecar_fields(recorded["backbone_config"], backbones[recorded["backbone"]], f"{where}, backbone_config")
     try:
         return SegmenterConfig.from_dict(recorded)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}{SIDECAR_SUFFIX}: not a segmenter config: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{where}: not a segmenter config: {type(e).__name__}: {e}") from None
 
 
 def _ovseg_config(head: dict, backbone: dict, source: str) -> SegmenterConfig:
