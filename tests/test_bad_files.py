@@ -239,3 +239,107 @@ def test_bad_segmenter_sidecar_names_file_and_key(sidecar_files, content, messag
     _sidecar(weights, content)
     with pytest.raises(CheckpointError, match=f"seg.safetensors.ovseg_jax.json.*{message}"):
         osegmenter.load(weights)
+
+
+# --------------------------------------------------------------------------------------------
+# Image and label files
+
+
+def _png16(path, values: np.ndarray):
+    """A 16-bit PNG written byte by byte (PIL cannot write 16-bit RGB): gray `[H, W]` or RGB `[H, W, 3]`."""
+    import struct
+    import zlib
+
+    h, w = values.shape[:2]
+    channels = 1 if values.ndim == 2 else values.shape[2]
+    raw = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    color_type = {1: 0, 3: 2}[channels]
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+SIXTEEN = np.array([[0x0000, 0x00FF, 0x0100], [0x1234, 0x8000, 0xFFFF]], np.uint16)
+HIGH_BYTE = np.array([[0x00, 0x00, 0x01], [0x12, 0x80, 0xFF]], np.uint8)  # what an 8-bit reader should see
+
+
+def test_16bit_grayscale_png_image_is_not_white(tmp_path):
+    got = sources.read_image(_png16(tmp_path / "g16.png", SIXTEEN))
+    assert got.dtype == np.uint8 and got.shape == (2, 3, 3)
+    np.testing.assert_array_equal(got, np.repeat(HIGH_BYTE[..., None], 3, axis=-1))
+
+
+def test_16bit_rgb_png_reads_like_16bit_gray(tmp_path):
+    got = sources.read_image(_png16(tmp_path / "rgb16.png", np.stack([SIXTEEN] * 3, axis=-1)))
+    np.testing.assert_array_equal(got, np.repeat(HIGH_BYTE[..., None], 3, axis=-1))
+
+
+def test_float_image_is_refused(tmp_path):
+    Image.fromarray(np.ones((4, 4), np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(sources.BadExampleError, match="f.tif: floating-point image"):
+        sources.read_image(tmp_path / "f.tif")
+
+
+def test_16bit_png_label_map_keeps_its_values(tmp_path):
+    from ovseg_jax.data import registry
+
+    root = tmp_path
+    image_dir, label_dir = root / "ADEChallengeData2016/images/validation", \
+        root / "ADEChallengeData2016/annotations_detectron2/validation"
+    image_dir.mkdir(parents=True)
+    label_dir.mkdir(parents=True)
+    for stem, label in (("a", [[0, 149], [255, 7]]), ("b", [[0, 300], [255, 7]])):
+        Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(image_dir / f"{stem}.jpg")
+        _png16(label_dir / f"{stem}.png", np.array(label, np.uint16))
+    source = registry.get("ade20k_150").make_source(root, "val")
+    np.testing.assert_array_equal(source[0]["label"], [[0, 149], [255, 7]])
+    with pytest.raises(sources.BadExampleError, match=r"b.png: label values \[300\] outside 0..149"):
+        source[1]
+
+
+@pytest.mark.parametrize("name, image_dir, label_dir", [
+    ("ade20k_150", "ADEChallengeData2016/images/validation", "ADEChallengeData2016/annotations_detectron2/validation"),
+    ("coco_stuff_171", "coco/val2017", "coco/stuffthingmaps_detectron2/val2017"),   # listed by its labels
+])
+def test_upper_case_extensions_are_listed_and_found(tmp_path, name, image_dir, label_dir):
+    from ovseg_jax.data import registry
+
+    (tmp_path / image_dir).mkdir(parents=True)
+    (tmp_path / label_dir).mkdir(parents=True)
+    image = np.full((3, 4, 3), 40, np.uint8)
+    for stem, image_ext, label_ext in (("a", ".JPG", ".PNG"), ("b", ".jpg", ".Png"), ("c", ".Jpg", ".png")):
+        Image.fromarray(image).save(tmp_path / image_dir / f"{stem}{image_ext}", format="JPEG")
+        Image.fromarray(np.full((3, 4), 2, np.uint8)).save(tmp_path / label_dir / f"{stem}{label_ext}", format="PNG")
+    source = registry.get(name).make_source(tmp_path, "val")
+    assert len(source) == 3
+    for i in range(3):
+        assert source[i]["label"].tolist() == [[2] * 4] * 3
+
+
+def test_bad_synthetic_class_file_names_the_file(tmp_path):
+    from ovseg_jax.data import registry
+
+    (tmp_path / "classes.json").write_text('{"names": ["a"]}')
+    with pytest.raises(sources.DatasetLayoutError, match="classes.json: not a synthetic-world class file.*'seen'"):
+        registry.get("synthetic").make_source(tmp_path, "train")
+
+
+def test_rle_of_another_size_is_refused_before_decoding(tmp_path):
+    from ovseg_jax.data import crops
+
+    Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / "i.png")
+    record = crops.PairRecord(str(tmp_path / "i.png"), {"size": [4000, 5000], "counts": [0, 4000 * 5000]}, "x")
+    with pytest.raises(sources.BadExampleError, match=r"RLE size \[4000, 5000\] differs from the image size \[4, 5\]"):
+        crops.region_of(record)
+
+
+def test_binary_pairs_file_is_not_text(tmp_path):
+    from ovseg_jax.data import crops
+
+    (tmp_path / "pairs.jsonl").write_bytes(b"\xff\xfe\x00\x81 binary")
+    with pytest.raises(ValueError, match="pairs.jsonl: not a text file"):
+        crops.read_pairs(tmp_path / "pairs.jsonl")

@@ -17,6 +17,7 @@ recovered once, before any resampling, as the pixels not within 1.5 of the fill 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -73,15 +74,19 @@ def _compressed_counts(text: str) -> list[int]:
     return counts
 
 
-def rle_decode(rle: dict, where: str = "RLE") -> np.ndarray:
-    """COCO RLE (uncompressed list or compressed string counts) -> bool `[H, W]`."""
+def rle_decode(rle: dict, where: str = "RLE", shape: tuple[int, int] | None = None) -> np.ndarray:
+    """COCO RLE (uncompressed list or compressed string counts) -> bool `[H, W]`; with `shape`, an RLE
+    of another size is refused before anything is allocated."""
     try:
         h, w = (int(v) for v in rle["size"])
         counts = rle["counts"]
-        counts = _compressed_counts(counts) if isinstance(counts, str) else [int(c) for c in counts]
+        if shape is None or (h, w) == tuple(shape):
+            counts = _compressed_counts(counts) if isinstance(counts, str) else [int(c) for c in counts]
     except (KeyError, TypeError, ValueError) as e:
         raise BadExampleError(f"{where}: bad COCO RLE ({e!r}); expected {{'size': [H, W], 'counts': "
                               "list of ints or compressed string}") from e
+    if shape is not None and (h, w) != tuple(shape):
+        raise BadExampleError(f"{where}: RLE size {[h, w]} differs from the image size {list(shape)}")
     if sum(counts) != h * w or min(counts, default=0) < 0:
         raise BadExampleError(f"{where}: RLE counts sum to {sum(counts)}, expected H*W = {h * w}")
     values = np.zeros(len(counts), bool)
@@ -97,8 +102,13 @@ def read_pairs(path: str | Path) -> list[PairRecord]:
                                  "(header 'filepath<TAB>title') or our JSON-lines pairs")
     base = path.parent
     records = []
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text file ({e}); expected the released tab-separated CSV or our JSON-lines "
+                         "pairs") from None
     if path.suffix == ".jsonl":
-        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        for line_no, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -110,7 +120,7 @@ def read_pairs(path: str | Path) -> list[PairRecord]:
                 raise ValueError(f"{path}:{line_no}: bad pairs line ({e!r}); expected JSON with keys "
                                  "'image', 'mask' (PNG path or COCO RLE), 'noun', 'source'") from e
     else:
-        with open(path, newline="") as f:
+        with io.StringIO(text, newline="") as f:
             reader = csv.DictReader(f, delimiter="\t")
             if not reader.fieldnames or not {"filepath", "title"} <= set(reader.fieldnames):
                 raise ValueError(f"{path}: header {reader.fieldnames}; expected tab-separated columns "
@@ -134,7 +144,7 @@ def region_of(record: PairRecord) -> tuple[np.ndarray, np.ndarray]:
         region = read_label(record.mask) != 0
         where = record.mask
     else:
-        region = rle_decode(record.mask, where=f"mask of {record.image}")
+        region = rle_decode(record.mask, where=f"mask of {record.image}", shape=image.shape[:2])
         where = f"RLE mask of {record.image}"
     if region.shape != image.shape[:2]:
         raise BadExampleError(f"{where}: mask size {region.shape} differs from the image size "

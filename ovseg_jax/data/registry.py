@@ -73,12 +73,17 @@ def _synthetic_source(root: str | Path, split: str) -> SegmentationSource:
     meta_path = root / "classes.json"
     if not meta_path.is_file():
         raise DatasetLayoutError(f"{meta_path}: not found.\nExpected layout:\n{layout}")
-    meta = json.loads(meta_path.read_text())
-    names, label_map = meta["names"], None
+    try:
+        meta = json.loads(meta_path.read_text())
+        names, seen_names = list(meta["names"]), list(meta["seen"])
+    except (ValueError, KeyError, TypeError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        raise DatasetLayoutError(f"{meta_path}: not a synthetic-world class file ({type(e).__name__}: {e}); "
+                                 "expected JSON with lists 'names' and 'seen'") from None
+    label_map = None
     if split == "train":
-        seen = {n: i for i, n in enumerate(meta["seen"])}
+        seen = {n: i for i, n in enumerate(seen_names)}
         label_map = np.array([seen.get(n, synthetic.IGNORE) for n in names], np.int32)
-        names = meta["seen"]
+        names = seen_names
     return SegmentationSource(root / "images" / split, root / "annotations" / split, class_names=names,
                               ignore_value=synthetic.IGNORE, image_ext=".png", label_ext=".png",
                               label_map=label_map, layout=layout)

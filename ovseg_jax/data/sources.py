@@ -2,8 +2,9 @@
 
 `SegmentationSource(image_dir, label_dir, ...)[i] -> {"image": uint8 [H, W, 3] RGB,
 "label": int32 [H, W]}` with class ids `0..C-1` and the dataset's ignore value. Images are decoded
-with PIL (EXIF orientation applied, as detectron2's `read_image`); labels are 8-bit PNG or 16-bit
-TIFF read as stored, optionally remapped by `label_map`.
+with PIL (EXIF orientation applied, as detectron2's `read_image`; 16-bit images keep their high
+byte); labels are single-channel 8/16-bit PNG or 16-bit TIFF read as stored, optionally remapped by
+`label_map`. File extensions match in any case (`.JPG`, `.PNG`).
 
 `index_by="image"`: every image must have a label (ADE); `index_by="label"`: the label folder
 lists the examples (COCO-Stuff and VOC skip all-ignore labels, Pascal Context labels 5K of
@@ -13,6 +14,7 @@ or empty folders), naming the file and what was expected.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +29,35 @@ class BadExampleError(ValueError):
     """One example cannot be used (unreadable, missing partner file, size mismatch, bad label values)."""
 
 
+_GRAY16 = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _rgb_uint8(img: Image.Image, path) -> np.ndarray:
+    """A decoded PIL image -> uint8 `[H, W, 3]`. 16-bit images keep their high byte (v >> 8): PIL
+    does so itself for 16-bit RGB(A) PNGs, and we do the same for 16-bit grayscale, which PIL's
+    `convert("RGB")` would clip to white."""
+    if img.mode in _GRAY16 or img.mode == "I":  # "I": how older Pillow opens 16-bit grayscale PNGs
+        gray = np.asarray(img).astype(np.int64)
+        if gray.size and (gray.min() < 0 or gray.max() > 65535):
+            raise BadExampleError(f"{path}: 32-bit integer image (values {gray.min()}..{gray.max()}); expected an "
+                                  "8-bit or 16-bit RGB or grayscale image")
+        return np.repeat((gray >> 8).astype(np.uint8)[..., None], 3, axis=-1)
+    if img.mode == "F":
+        raise BadExampleError(f"{path}: floating-point image (PIL mode 'F'); expected an 8-bit or 16-bit RGB or "
+                              "grayscale image")
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """Image file -> uint8 `[H, W, 3]` RGB (EXIF orientation applied)."""
+    """Image file -> uint8 `[H, W, 3]` RGB (EXIF orientation applied; 16-bit images reduced to their
+    high byte; alpha dropped, as PIL's `convert("RGB")`)."""
     try:
         with Image.open(path) as img:
-            return np.asarray(ImageOps.exif_transpose(img).convert("RGB"), dtype=np.uint8)
+            return _rgb_uint8(ImageOps.exif_transpose(img), path)
     except FileNotFoundError:
         raise BadExampleError(f"{path}: image file not found") from None
+    except BadExampleError:
+        raise
     except Exception as e:  # PIL raises several types for corrupt or truncated files
         raise BadExampleError(f"{path}: cannot decode image ({type(e).__name__}: {e}); "
                               "expected a readable JPEG/PNG") from None
@@ -56,7 +80,10 @@ def read_label(path: str | Path) -> np.ndarray:
 
 
 def _stems(directory: Path, ext: str) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(directory.iterdir()) if p.is_file() and p.suffix.lower() == ext}
+    """`{stem: path}` of the files in `directory` whose extension is `ext` in any case (`.JPG` too)."""
+    with os.scandir(directory) as entries:
+        names = sorted(e.name for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() == ext.lower())
+    return {os.path.splitext(n)[0]: directory / n for n in names}
 
 
 class SegmentationSource:
@@ -72,12 +99,14 @@ class SegmentationSource:
                 raise DatasetLayoutError(f"{d}: folder not found.{where}")
         if index_by not in ("image", "label"):
             raise ValueError(f"index_by must be 'image' or 'label', got {index_by!r}")
-        listed, ext = (image_dir, image_ext) if index_by == "image" else (label_dir, label_ext)
-        stems = sorted(_stems(listed, ext))
+        # Both folders are listed, so `a.JPG` pairs with `a.png`; a missing partner keeps its expected name.
+        images, labels = _stems(image_dir, image_ext), _stems(label_dir, label_ext)
+        listed, ext, stems = ((image_dir, image_ext, sorted(images)) if index_by == "image"
+                              else (label_dir, label_ext, sorted(labels)))
         if not stems:
-            raise DatasetLayoutError(f"{listed}: no *{ext} files.{where}")
-        self.image_paths = [str(image_dir / f"{s}{image_ext}") for s in stems]
-        self.label_paths = [str(label_dir / f"{s}{label_ext}") for s in stems]
+            raise DatasetLayoutError(f"{listed}: no *{ext} files (any case).{where}")
+        self.image_paths = [str(images.get(s, image_dir / f"{s}{image_ext}")) for s in stems]
+        self.label_paths = [str(labels.get(s, label_dir / f"{s}{label_ext}")) for s in stems]
         self.class_names = tuple(class_names)
         self.ignore_value = int(ignore_value)
         self.label_map = None if label_map is None else np.asarray(label_map, np.int32)
