@@ -87,10 +87,12 @@ def evaluate_dataset(predictor, examples: Iterable[Mapping[str, np.ndarray]], cl
                      ignore_value: int, unseen: Iterable[str] = (), max_examples: int | None = None,
                      log_every: int = 50) -> dict:
     """Run `predictor` (`ovseg_jax.predict.Predictor`) over eval examples (`ovseg_jax.data.pipeline.
-    eval_loader`: padded `image`, original-size `label`, `resized_size`, `orig_size`) -> metrics."""
+    eval_loader`: padded `image`, original-size `label`, `resized_size`, `orig_size`) -> metrics,
+    with `images` (evaluated) and `skipped` (bad examples the loader dropped: its `num_skipped`)."""
     confusion = ConfusionMatrix(len(class_names), ignore_value)
     start = time.perf_counter()
     count = 0
+    examples = iter(examples)
     for count, example in enumerate(examples, 1):
         pred = predictor.predict(example["image"], class_names, resized_hw=tuple(example["resized_size"]),
                                  original_hw=tuple(example["orig_size"]))
@@ -99,8 +101,13 @@ def evaluate_dataset(predictor, examples: Iterable[Mapping[str, np.ndarray]], cl
             log.info("evaluated %d images (%.2f images/s)", count, count / (time.perf_counter() - start))
         if max_examples is not None and count >= max_examples:
             break
+    skipped = int(getattr(examples, "num_skipped", 0))
+    if skipped:
+        log.warning("evaluation skipped %d bad example(s) (their files are named in the warnings above); "
+                    "metrics are over the %d others", skipped, count)
     if count == 0:
-        raise ValueError("no evaluation examples")
+        raise ValueError("no evaluation examples" + (f": all {skipped} were bad and skipped" if skipped else ""))
     metrics = segmentation_metrics(confusion.counts, class_names, unseen)
     metrics["images"] = count
+    metrics["skipped"] = skipped
     return metrics

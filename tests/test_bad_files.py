@@ -343,3 +343,56 @@ def test_binary_pairs_file_is_not_text(tmp_path):
     (tmp_path / "pairs.jsonl").write_bytes(b"\xff\xfe\x00\x81 binary")
     with pytest.raises(ValueError, match="pairs.jsonl: not a text file"):
         crops.read_pairs(tmp_path / "pairs.jsonl")
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation over a split with bad examples
+
+
+class _ConstantPredictor:
+    """Predicts class 0 everywhere: enough to count what the evaluation sees."""
+
+    def predict(self, image, class_names, *, resized_hw, original_hw):
+        return np.zeros(original_hw, np.int32)
+
+
+@pytest.fixture(scope="module")
+def eval_split_with_bad_files(tmp_path_factory):
+    from ovseg_jax.data import registry
+
+    root = tmp_path_factory.mktemp("evalsplit")
+    image_dir, label_dir = root / "ADEChallengeData2016/images/validation", \
+        root / "ADEChallengeData2016/annotations_detectron2/validation"
+    image_dir.mkdir(parents=True)
+    label_dir.mkdir(parents=True)
+    for stem in ("0_good", "1_corrupt", "2_good", "3_nolabel"):
+        Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(image_dir / f"{stem}.jpg")
+        Image.fromarray(np.zeros((6, 8), np.uint8)).save(label_dir / f"{stem}.png")
+    (image_dir / "1_corrupt.jpg").write_bytes(b"not a jpeg")
+    (label_dir / "3_nolabel.png").unlink()
+    return registry.get("ade20k_150").make_source(root, "val")
+
+
+def test_evaluation_skips_and_counts_bad_examples(eval_split_with_bad_files, caplog):
+    from ovseg_jax.data import pipeline
+    from ovseg_jax.evaluate import evaluate_dataset
+
+    source = eval_split_with_bad_files
+    examples = pipeline.eval_loader(source, short=8, max_size=16, bucket=32, process_index=0, process_count=1)
+    with caplog.at_level("WARNING"):
+        metrics = evaluate_dataset(_ConstantPredictor(), examples, source.class_names, ignore_value=255, log_every=0)
+    assert metrics["images"] == 2 and metrics["skipped"] == 2
+    assert metrics["pACC"] == 100.0  # the two good all-zero labels, predicted 0
+    assert "1_corrupt.jpg" in caplog.text and "3_nolabel.png" in caplog.text
+    assert "skipped 2 bad example(s)" in caplog.text
+
+
+def test_evaluation_can_still_stop_at_a_bad_example(eval_split_with_bad_files):
+    from ovseg_jax.data import pipeline
+    from ovseg_jax.evaluate import evaluate_dataset
+
+    source = eval_split_with_bad_files
+    examples = pipeline.eval_loader(source, short=8, max_size=16, bucket=32, process_index=0, process_count=1,
+                                    skip_bad_examples=False)
+    with pytest.raises(sources.BadExampleError, match="1_corrupt.jpg"):
+        evaluate_dataset(_ConstantPredictor(), examples, source.class_names, ignore_value=255, log_every=0)

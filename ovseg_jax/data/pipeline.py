@@ -189,10 +189,14 @@ def _train_example(example: dict, rng: np.random.Generator, **kwargs) -> dict:
 
 def eval_loader(source, *, short: int = 640, max_size: int = 2560, bucket: int = 128, num_workers: int = 0,
                 process_index: int | None = None, process_count: int | None = None,
-                skip_bad_examples: bool = False) -> grain.IterDataset:
+                skip_bad_examples: bool = True) -> grain.IterDataset:
     """One pass over `source` in order, this process's examples (i = p, p+P, ...), unbatched:
     `{"image": uint8 [H',W',3] padded to multiples of bucket, "label": int32 [H,W] original size,
-    "orig_size": int32 [2], "resized_size": int32 [2], "index": int32 (source index)}`."""
+    "orig_size": int32 [2], "resized_size": int32 [2], "index": int32 (source index)}`.
+
+    Bad examples (`BadExampleError`: unreadable or missing files, size mismatch, bad label values)
+    are skipped by default, each with a warning naming the file, and counted in the iterator's
+    `num_skipped` (which `evaluate.evaluate_dataset` reports); `skip_bad_examples=False` raises instead."""
     transform = partial(_eval_example, short=short, max_size=max_size, bucket=bucket)
     return _build(len(source), partial(_indexed, source), transform, batch_size=None, seed=0, shuffle=False,
                   num_epochs=1, num_workers=num_workers, process_index=process_index, process_count=process_count,
