@@ -3,7 +3,8 @@
     python -m ovseg_jax.train --config configs/r101c_vitb_seg.py --workdir runs/r101c_seg
 
 Inputs: `datasets/coco/...` as for `swinb_vitl_seg.py`, `weights/R-103.pkl` (detectron2's
-DeepLab ResNet-101 ImageNet weights) and `weights/ViT-B-16.pt` (OpenAI CLIP).
+DeepLab ResNet-101 ImageNet weights), `weights/ViT-B-16.pt` (OpenAI CLIP) and
+`weights/bpe_simple_vocab_16e6.txt.gz` (OpenAI's tokenizer, as for `swinb_vitl_seg.py`).
 Solver: AdamW lr 2e-4, wd 1e-4, backbone lr x0.1, clipping 0.01, WarmupPolyLR, 120k iterations,
 global batch 32, 512 crops.
 
@@ -19,11 +20,14 @@ from ovseg_jax.models.maskformer import SegmenterConfig
 
 
 def get_config(arg=None):
-    del arg
+    configs.check_variant(arg, config="configs/r101c_vitb_seg.py")
+    segmenter = SegmenterConfig.r101c(clip_dim=512)
+    # R-101's block counts stated (not implied by depth) so that `--config...num_blocks='(...)'` can set them.
+    segmenter = segmenter.replace(backbone_config=segmenter.backbone_config.replace(num_blocks=(3, 4, 23, 3)))
     c = configs.segmenter_training(
-        SegmenterConfig.r101c(clip_dim=512).to_dict(), clip_init="weights/ViT-B-16.pt",
+        segmenter.to_dict(), clip_init="weights/ViT-B-16.pt",
         class_names=list(registry.class_names("coco_stuff_171")), lr=2e-4, weight_decay=1e-4, backbone_lr_mult=0.1,
-        total_steps=120_000, batch_size=32, warmup_steps=1500, tokenizer="weights/bpe_simple_vocab_16e6.txt.gz")
+        total_steps=120_000, batch_size=32, warmup_steps=1500, tokenizer=configs.OPENAI_BPE)
     c.init_from = "weights/R-103.pkl"
     c.data = configs.segmentation_data("coco_stuff_171", "datasets", crop_size=512, short_sides=range(256, 1025, 32),
                                        max_size=2048)

@@ -7,7 +7,9 @@ Inputs (the run stops at start, naming what is missing):
   `datasets/prepare_coco_stuff_sem_seg.py` (`--config.data.root=` for another datasets root);
 - `weights/swin_base_patch4_window12_384_22k.pth`: the official ImageNet-22k Swin-B (384) weights
   (backbone initialisation; the detectron2-converted `.pkl` works too);
-- `weights/ViT-L-14.pt`: OpenAI CLIP, whose frozen text tower embeds the 171 class names.
+- `weights/ViT-L-14.pt`: OpenAI CLIP, whose frozen text tower embeds the 171 class names;
+- `weights/bpe_simple_vocab_16e6.txt.gz`: OpenAI's tokenizer, inside the open_clip_torch / openai-clip
+  wheels (`pip download --no-deps open_clip_torch`, then unzip `open_clip/bpe_simple_vocab_16e6.txt.gz`).
 Solver: AdamW lr 6e-5, wd 0.01 (0 for norms, queries, position tables), full-model clipping 0.01,
 WarmupPolyLR (1500 warmup, 120k iterations), global batch 32, 640 crops.
 """
@@ -18,11 +20,11 @@ from ovseg_jax.models.maskformer import SegmenterConfig
 
 
 def get_config(arg=None):
-    del arg
+    configs.check_variant(arg, config="configs/swinb_vitl_seg.py")
     c = configs.segmenter_training(
         SegmenterConfig.swin_b(clip_dim=768).to_dict(), clip_init="weights/ViT-L-14.pt",
         class_names=list(registry.class_names("coco_stuff_171")), lr=6e-5, weight_decay=0.01, backbone_lr_mult=1.0,
-        total_steps=120_000, batch_size=32, warmup_steps=1500, tokenizer="weights/bpe_simple_vocab_16e6.txt.gz")
+        total_steps=120_000, batch_size=32, warmup_steps=1500, tokenizer=configs.OPENAI_BPE)
     c.init_from = "weights/swin_base_patch4_window12_384_22k.pth"
     c.data = configs.segmentation_data("coco_stuff_171", "datasets", crop_size=640, short_sides=range(320, 1281, 64),
                                        max_size=2560)

@@ -11,10 +11,11 @@ from ovseg_jax.models.clip import ClipConfig
 
 
 def get_config(arg=None):
-    del arg
+    configs.check_variant(arg, config="configs/vitb_ft.py")
     c = configs.clip_finetune(ClipConfig.vit_b16(), lr=5e-6, total_steps=5 * 863, warmup_steps=100,
                               batch_size=512)
     c.init_from = "weights/ViT-B-16.pt"
-    c.data = configs.clip_pairs_data("data/coco_proposal_1cap/coco_proposal_1cap.csv")
+    c.data = configs.clip_pairs_data("data/coco_proposal_1cap/coco_proposal_1cap.csv",
+                                     tokenizer=configs.OPENAI_BPE)
     c.checkpoint.interval = 500
     return c

@@ -2,9 +2,11 @@
 
     python -m ovseg_jax.train --config configs/vitl_ft.py --workdir runs/vitl_ft
 
-Needs OpenAI's ViT-L-14.pt (or a transformers `openai/clip-vit-large-patch14` directory) and the
+Needs OpenAI's ViT-L-14.pt (or a transformers `openai/clip-vit-large-patch14` directory), the
 released `coco_proposal_1cap.csv` pairs with their crop images (OVSeg's
-open_clip_training/README.md links them). Released scripts: 4 GPUs x 32 = global batch 128,
+open_clip_training/README.md links them) and OpenAI's tokenizer `weights/bpe_simple_vocab_16e6.txt.gz`
+(inside the open_clip_torch / openai-clip wheels; `--config.data.tokenizer=` with a transformers
+directory, whose own tokenizer is then used). A missing input stops the run at start, all named. Released scripts: 4 GPUs x 32 = global batch 128,
 5 epochs of 442,117 pairs (3,454 steps/epoch), lr 5e-6, warmup 100, cosine.
 """
 
@@ -13,10 +15,11 @@ from ovseg_jax.models.clip import ClipConfig
 
 
 def get_config(arg=None):
-    del arg
+    configs.check_variant(arg, config="configs/vitl_ft.py")
     c = configs.clip_finetune(ClipConfig.vit_l14(), lr=5e-6, total_steps=5 * 3454, warmup_steps=100,
                               batch_size=128)
     c.init_from = "weights/ViT-L-14.pt"
-    c.data = configs.clip_pairs_data("data/coco_proposal_1cap/coco_proposal_1cap.csv")
+    c.data = configs.clip_pairs_data("data/coco_proposal_1cap/coco_proposal_1cap.csv",
+                                     tokenizer=configs.OPENAI_BPE)
     c.checkpoint.interval = 1000
     return c

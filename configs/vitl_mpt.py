@@ -6,7 +6,7 @@
 Starts from stage A's checkpoint (`init_from`: its workdir, or any CLIP checkpoint), adds
 `visual.mask_embedding [3, 256, 1024]` ~ N(0, 0.02) and trains only it: AdamW lr 0.05, no weight
 decay, warmup 100 + cosine over 5 epochs at global batch 128. The batches' region masks drive
-the mask prompts.
+the mask prompts. Tokenizer as vitl_ft.py (`weights/bpe_simple_vocab_16e6.txt.gz`).
 """
 
 from ovseg_jax import configs
@@ -14,10 +14,11 @@ from ovseg_jax.models.clip import ClipConfig
 
 
 def get_config(arg=None):
-    del arg
+    configs.check_variant(arg, config="configs/vitl_mpt.py")
     c = configs.mask_prompt_tuning(ClipConfig.vit_l14(), depth=3, lr=0.05, total_steps=5 * 3454,
                                    warmup_steps=100, batch_size=128)
     c.init_from = "runs/vitl_ft"
-    c.data = configs.clip_pairs_data("data/coco_proposal_1cap/coco_proposal_1cap.csv")
+    c.data = configs.clip_pairs_data("data/coco_proposal_1cap/coco_proposal_1cap.csv",
+                                     tokenizer=configs.OPENAI_BPE)
     c.checkpoint.interval = 1000
     return c

@@ -6,26 +6,29 @@ clipping, and per-parameter learning-rate / weight-decay multipliers and freezin
 Parameters are flat dicts `{path: array}` (see `ovseg_jax.train`). Frozen parameters are not
 given to the optimiser at all (no Adam moments, no gradient), so they stay bit-identical.
 
-Config fields (`config.optim`):
+Config fields (`config.optim`; declared in `ovseg_jax.configs.OPTIM`):
   lr, b1, b2, eps, weight_decay          AdamW (decoupled decay, as torch.optim.AdamW)
-  schedule: {kind: "warmup_poly" | "warmup_cosine" | "constant", warmup_steps, total_steps,
-             power (poly, 0.9), warmup_factor (poly, 1e-6)}
+  schedule: {kind: "warmup_poly" | "warmup_cosine" | "constant", warmup_steps,
+             power (poly, 0.9), warmup_factor (poly, 1e-6)}; it runs over `config.total_steps`
   grad_clip_norm: 0 / None for none, else the max global L2 norm over all trained parameters
   lr_mults: [(regex, multiplier)]     first match wins; default 1
   wd_mults: [(regex, multiplier)]     first match wins; default 1 (0 excludes from decay)
   freeze:   [regex]                   matching parameters are not trained
   trainable: [regex] | None           if given, only matching parameters train (then `freeze`)
+Every table goes through `ovseg_jax.configs.match_rules`: a rule that matches no parameter of the
+model is an error.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from ovseg_jax.configs import match_rules
 
 Schedule = Callable[[Any], Any]
 
@@ -59,15 +62,16 @@ def warmup_cosine(base_lr: float, warmup_steps: int, total_steps: int) -> Schedu
     return schedule
 
 
-def make_schedule(optim_cfg) -> Schedule:
-    """The learning-rate schedule of `config.optim` (base lr included)."""
+def make_schedule(optim_cfg, total_steps: int) -> Schedule:
+    """The learning-rate schedule of `config.optim` (base lr included) over `total_steps`
+    (`config.total_steps`: the one source of the run's length)."""
     s = optim_cfg.schedule
     kind = s.kind
     if kind == "warmup_poly":
-        return warmup_poly(optim_cfg.lr, s.warmup_steps, s.total_steps, s.get("power", 0.9),
+        return warmup_poly(optim_cfg.lr, s.warmup_steps, total_steps, s.get("power", 0.9),
                            s.get("warmup_factor", 1e-6))
     if kind == "warmup_cosine":
-        return warmup_cosine(optim_cfg.lr, s.warmup_steps, s.total_steps)
+        return warmup_cosine(optim_cfg.lr, s.warmup_steps, total_steps)
     if kind == "constant":
         return lambda step: jnp.full((), optim_cfg.lr, jnp.float32)
     raise ValueError(f"config.optim.schedule.kind must be warmup_poly, warmup_cosine or constant; got {kind!r}")
@@ -94,39 +98,31 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: ClipState(), update)
 
 
-def _first_match(table: Iterable[Sequence], path: str, default):
-    for rule in table or ():
-        pattern, value = rule
-        if re.search(pattern, path):
-            return value
-    return default
-
-
-def trainable_paths(paths: Iterable[str], optim_cfg) -> list[str]:
-    """Paths that train under `config.optim.trainable` / `config.optim.freeze` (sorted)."""
+def trainable_paths(paths: Iterable[str], optim_cfg, *, log_matches: bool = False) -> list[str]:
+    """Paths (all the model's) that train under `config.optim.trainable` / `freeze` (sorted)."""
+    paths = sorted(paths)
     keep = optim_cfg.get("trainable")
-    freeze = optim_cfg.get("freeze") or ()
-    out = []
-    for p in sorted(paths):
-        if keep is not None and not any(re.search(r, p) for r in keep):
-            continue
-        if any(re.search(r, p) for r in freeze):
-            continue
-        out.append(p)
-    return out
+    kept = (match_rules("optim.trainable", [(r, True) for r in keep], paths, False, log_matches=log_matches)
+            if keep is not None else dict.fromkeys(paths, True))
+    frozen = match_rules("optim.freeze", [(r, True) for r in optim_cfg.get("freeze") or ()], paths, False,
+                         log_matches=log_matches)
+    return [p for p in paths if kept[p] and not frozen[p]]
 
 
-def param_groups(paths: Iterable[str], optim_cfg) -> dict[str, tuple[float, float]]:
-    """`{path: (lr_multiplier, weight_decay_multiplier)}` from the config tables."""
-    return {p: (float(_first_match(optim_cfg.get("lr_mults"), p, 1.0)),
-                float(_first_match(optim_cfg.get("wd_mults"), p, 1.0))) for p in paths}
+def param_groups(paths: Iterable[str], optim_cfg, *, log_matches: bool = False) -> dict[str, tuple[float, float]]:
+    """`{path: (lr_multiplier, weight_decay_multiplier)}` from the config tables, for `paths`
+    (all the model's parameters, so that a rule for frozen ones is no error)."""
+    paths = list(paths)
+    lr = match_rules("optim.lr_mults", optim_cfg.get("lr_mults"), paths, 1.0, log_matches=log_matches)
+    wd = match_rules("optim.wd_mults", optim_cfg.get("wd_mults"), paths, 1.0, log_matches=log_matches)
+    return {p: (float(lr[p]), float(wd[p])) for p in paths}
 
 
-def make_optimizer(optim_cfg, trainable: Mapping[str, Any]) -> optax.GradientTransformation:
-    """AdamW with per-group lr/wd multipliers (+ optional torch-style clipping) over the flat dict
-    of trainable parameters `trainable` (paths -> arrays or shapes)."""
-    schedule = make_schedule(optim_cfg)
-    groups = param_groups(trainable, optim_cfg)
+def make_optimizer(optim_cfg, groups: Mapping[str, tuple[float, float]], total_steps: int) -> optax.GradientTransformation:
+    """AdamW with per-group lr/wd multipliers (+ optional torch-style clipping) over the trained
+    parameters, `groups = {path: (lr_multiplier, wd_multiplier)}` (`param_groups` of them), with
+    the schedule over `total_steps`."""
+    schedule = make_schedule(optim_cfg, total_steps)
     labels = {p: f"lr{lr_m:g}_wd{wd_m:g}" for p, (lr_m, wd_m) in groups.items()}
     transforms = {}
     for lr_m, wd_m in set(groups.values()):
@@ -140,12 +136,9 @@ def make_optimizer(optim_cfg, trainable: Mapping[str, Any]) -> optax.GradientTra
     return tx
 
 
-def describe(optim_cfg, paths: Iterable[str]) -> str:
-    """One line per parameter group: multipliers and parameter count, plus the frozen count."""
-    paths = list(paths)
-    train = trainable_paths(paths, optim_cfg)
-    groups = param_groups(train, optim_cfg)
-    lines = [f"frozen: {len(paths) - len(train)} tensors, trained: {len(train)} tensors"]
+def describe(groups: Mapping[str, tuple[float, float]], num_frozen: int) -> str:
+    """One line per parameter group of the trained `groups`: multipliers and tensor count, plus the frozen count."""
+    lines = [f"frozen: {num_frozen} tensors, trained: {len(groups)} tensors"]
     for key in sorted(set(groups.values())):
         n = sum(1 for v in groups.values() if v == key)
         lines.append(f"  lr x{key[0]:g}, weight decay x{key[1]:g}: {n} tensors")

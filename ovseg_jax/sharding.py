@@ -7,19 +7,21 @@
 parameter paths; `spec` is a tuple of mesh axis names / None per dimension (a PartitionSpec),
 or the string "fsdp" (shard the largest dimension divisible by the data-axis size over "data").
 Unmatched parameters with at least `config.sharding.fsdp_min_size` elements get "fsdp"; the
-rest are replicated. Optimiser moments follow their parameter's sharding.
+rest are replicated. Optimiser moments follow their parameter's sharding. A rule that matches no
+parameter is an error (`ovseg_jax.configs.match_rules`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ovseg_jax.configs import match_rules
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +90,13 @@ def _fsdp_spec(shape: Sequence[int], data_size: int) -> P:
 
 
 def param_specs(shapes: Mapping[str, Sequence[int]], rules: Sequence[Sequence[Any]], mesh: Mesh,
-                fsdp_min_size: int | None = None) -> dict[str, P]:
+                fsdp_min_size: int | None = None, *, log_matches: bool = False) -> dict[str, P]:
     """`{path: shape}` -> `{path: PartitionSpec}` from the rule table (see the module docstring)."""
     data_size = mesh.shape[DATA_AXIS]
+    matched = match_rules("sharding.rules", rules, shapes, None, log_matches=log_matches)
     out = {}
     for path, shape in shapes.items():
-        spec = None
-        for pattern, rule in rules or ():
-            if re.search(pattern, path):
-                spec = rule
-                break
+        spec = matched[path]
         if spec is None:
             big = fsdp_min_size and int(np.prod(shape)) >= fsdp_min_size
             spec = "fsdp" if big else ()

@@ -1,7 +1,7 @@
 """Text side of OVSeg: CLIP's BPE tokenizer and the ViLD prompt templates.
 
 The BPE itself is transformers' `CLIPTokenizer` (byte-level BPE, lower-casing); we add OpenAI's
-text cleaning (double HTML unescape, whitespace collapse, ftfy when installed), a fixed context
+`basic_clean` + `whitespace_clean` (ftfy.fix_text, double HTML unescape, whitespace collapse), a fixed context
 length, and truncation that keeps the end-of-text token (OpenAI's tokenizer raises instead).
 """
 
@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import ftfy
 import numpy as np
 
 # Reference section 2: the 14 ViLD templates, exact spelling (some lack the final period).
@@ -117,12 +118,9 @@ def write_word_vocab(words: Iterable[str], directory: str | Path) -> Path:
 
 
 def _clean(text: str) -> str:
-    try:
-        import ftfy  # noqa: PLC0415  (optional, as in OpenAI's tokenizer)
-
-        text = ftfy.fix_text(text)
-    except ImportError:
-        pass
+    """OpenAI's `whitespace_clean(basic_clean(text))` (ftfy is a dependency: without it, e.g.
+    full-width letters would not be folded to ASCII as OpenAI's tokenizer does)."""
+    text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text))
     return re.sub(r"\s+", " ", text).strip()
 

@@ -7,7 +7,13 @@ Train state (a dict, checkpointed by `ovseg_jax.checkpoint`): `params` (flat `{p
 float32), `opt_state` (optax state over the trained parameters only), `step` (int32), `rng`
 (raw uint32 key data; the step's key is `fold_in(rng, step)`), and `model_state` (non-parameter
 model variables, if the model has any). `train_step(state, batch) -> (state, metrics)` is pure and
-compiled once with explicit in/out shardings, donating the old state.
+compiled once with explicit in/out shardings, donating the old state. A step whose loss, gradient
+norm or updated parameters are not finite changes nothing (metric `nonfinite` = 1) and the loop
+raises `NonFiniteLossError` before any later checkpoint, so every saved state is finite.
+
+Configs are validated against their task's schema (`ovseg_jax.configs.validate`) before anything is
+built; a workdir whose saved config differs (outside `configs.RESUMABLE`) is not resumed unless
+`config.allow_config_change` is set.
 
 Batches are dicts of numpy arrays holding this process's slice of the global batch (leading axis);
 they become global arrays sharded over the mesh's "data" axis.
@@ -33,17 +39,40 @@ from ml_collections import config_flags
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ovseg_jax import optim, sharding, tasks
+from ovseg_jax import checkpoint, configs, optim, sharding, tasks
 from ovseg_jax.checkpoint import Checkpointer, FlatTree
+from ovseg_jax.configs import ConfigError
 from ovseg_jax.monitor import MetricWriter, Progress
 
 log = logging.getLogger("ovseg_jax.train")
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {name: jnp.dtype(name) for name in configs.DTYPES}
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
+    """Training produced a NaN or infinite loss, gradient or update."""
+
+
+def check_resume(config, workdir: Path) -> None:
+    """Refuse to resume `workdir` if its latest checkpoint was saved with a config that differs
+    outside `configs.RESUMABLE` (model, task, batch size, lr, seed, ...), unless
+    `config.allow_config_change`; then the differences are logged."""
+    if not checkpoint.is_checkpoint_dir(workdir / "checkpoints"):
+        return
+    saved = checkpoint.load_config(workdir / "checkpoints")
+    diff = configs.config_diff(saved, json.loads(config.to_json_best_effort()))
+    if not diff:
+        return
+    listing = "\n  ".join(diff)
+    if not config.allow_config_change:
+        raise ConfigError(f"{workdir} holds a run saved with a different config (saved -> now):\n  {listing}\n"
+                          "Use another --workdir, or pass --config.allow_config_change=true to resume it "
+                          "with the new values.")
+    log.warning("resuming %s with a changed config (allow_config_change; saved -> now):\n  %s", workdir, listing)
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
 def _put_global(value: Any, target: NamedSharding) -> jax.Array:
@@ -64,27 +93,31 @@ class Trainer:
     """
 
     def __init__(self, config, workdir: str | Path | None = None):
+        configs.validate(config, data=False)
         self.config = config
         self.task = tasks.get(config.task)
         self.workdir = Path(workdir) if workdir is not None else None
+        if self.workdir is not None:
+            check_resume(config, self.workdir)
         self.mesh = sharding.make_mesh(config.mesh)
-        if config.dtype not in DTYPES:
-            raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}; got {config.dtype!r}")
         model = self.task.build_model(config, dtype=DTYPES[config.dtype], rngs=nnx.Rngs(config.seed))
         self.graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
         self.param_tree, self.state_tree = FlatTree(params), FlatTree(model_state)
         flat = self.param_tree.flatten(params)
-        self.trainable = optim.trainable_paths(flat, config.optim)
+        # The policy tables, each matched once over all parameters (the assignment is logged).
+        self.trainable = optim.trainable_paths(flat, config.optim, log_matches=True)
         if not self.trainable:
-            raise ValueError("config.optim.trainable / freeze leave no parameter to train")
-        log.info("parameter groups:\n%s", optim.describe(config.optim, flat))
-        self.tx = optim.make_optimizer(config.optim, {p: flat[p] for p in self.trainable})
-        self.schedule = optim.make_schedule(config.optim)
+            raise ConfigError("config.optim.trainable / freeze leave no parameter to train")
+        groups = optim.param_groups(flat, config.optim, log_matches=True)
+        groups = {p: groups[p] for p in self.trainable}
+        log.info("parameter groups:\n%s", optim.describe(groups, len(flat) - len(self.trainable)))
+        self.tx = optim.make_optimizer(config.optim, groups, config.total_steps)
+        self.schedule = optim.make_schedule(config.optim, config.total_steps)
 
         mesh = self.mesh
         replicated = NamedSharding(mesh, P())
-        specs = sharding.param_specs({p: v.shape for p, v in flat.items()}, config.sharding.get("rules"),
-                                     mesh, config.sharding.get("fsdp_min_size"))
+        specs = sharding.param_specs({p: v.shape for p, v in flat.items()}, config.sharding.rules,
+                                     mesh, config.sharding.fsdp_min_size, log_matches=True)
         self.param_shardings = {p: NamedSharding(mesh, s) for p, s in specs.items()}
         opt_abstract = jax.eval_shape(self.tx.init, {p: flat[p] for p in self.trainable})
         train_shardings = {"step": replicated, "rng": replicated,
@@ -111,7 +144,7 @@ class Trainer:
         if self.workdir is not None:
             ck = config.checkpoint
             self.checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=ck.max_to_keep,
-                                             interval=ck.interval, async_save=ck.get("async_save", True))
+                                             interval=ck.interval, async_save=ck.async_save)
         self._stop_signal: int | None = None
 
     # -- the step ---------------------------------------------------------------------------
@@ -122,7 +155,9 @@ class Trainer:
         return nnx.merge(self.graphdef, self.param_tree.unflatten(params), state)
 
     def _train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
-        """One optimiser step on a global batch -> (new state, scalar metrics)."""
+        """One optimiser step on a global batch -> (new state, scalar metrics). If the loss, the
+        gradient norm or an updated parameter is not finite, the state is returned unchanged
+        (step included) with metric `nonfinite` = 1."""
         step = state["step"]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
         params = state["params"]
@@ -134,11 +169,15 @@ class Trainer:
             return self.task.loss(model, batch, rng)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+        grad_norm = optim.global_norm(grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], trained)
-        trained = self.task.post_update(optax.apply_updates(trained, updates))
-        new_state = {**state, "params": {**frozen, **trained}, "opt_state": opt_state, "step": step + 1}
-        metrics = {**metrics, "loss": loss, "grad_norm": optim.global_norm(grads),
-                   "learning_rate": self.schedule(step)}
+        updated = self.task.post_update(optax.apply_updates(trained, updates))
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(updated)
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731  (frozen parameters are never touched)
+        new_state = {**state, "params": {**frozen, **jax.tree.map(keep, updated, trained)},
+                     "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]), "step": keep(step + 1, step)}
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "learning_rate": self.schedule(step),
+                   "nonfinite": 1.0 - ok.astype(jnp.float32)}
         return new_state, metrics
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -162,8 +201,13 @@ class Trainer:
         params, train, data_state = self.checkpointer.restore(
             step, abstract["params"], {k: v for k, v in abstract.items() if k != "params"})
         self.state = {"params": params, **train}
-        if data_state is not None and hasattr(data_iter, "set_state"):
-            data_iter.set_state(data_state)
+        if hasattr(data_iter, "set_state"):
+            if data_state is not None:
+                data_iter.set_state(data_state)
+        elif data_iter is not None:
+            log.warning("the data iterator (%s) has no get_state/set_state: resuming at step %d, the data "
+                        "restarts from its beginning (examples of steps 1-%d are seen again)",
+                        type(data_iter).__name__, step, step)
         log.info("resumed from %s at step %d", self.checkpointer.directory, step)
         return step
 
@@ -183,15 +227,21 @@ class Trainer:
         return flag
 
     def _check(self, pending: list[tuple[int, dict]]) -> dict[str, float]:
-        """Fetch pending metrics; raise NonFiniteLossError on a NaN/inf loss -> last step's metrics."""
+        """Fetch pending metrics; raise NonFiniteLossError on a step that was not finite (nothing
+        after it has been saved) -> the last step's metrics."""
         fetched = jax.device_get(pending)
         for step, metrics in fetched:
-            if not np.isfinite(metrics["loss"]):
+            if metrics["nonfinite"] or not np.isfinite(metrics["loss"]):
+                what = (f"loss is {metrics['loss']}" if not np.isfinite(metrics["loss"]) else
+                        f"gradient norm is {metrics['grad_norm']}" if not np.isfinite(metrics["grad_norm"]) else
+                        "updated parameters are not finite")
                 latest = self.checkpointer.latest_step() if self.checkpointer else None
                 where = (f"the last good checkpoint is step {latest} in {self.checkpointer.directory}"
                          if latest is not None else "no checkpoint was saved")
-                raise NonFiniteLossError(f"loss is {metrics['loss']} at step {step}; training stopped "
-                                         f"({where}). Lower config.optim.lr or check the data.")
+                raise NonFiniteLossError(
+                    f"{what} at step {step}; the step was not applied and training stopped ({where}). "
+                    "Lower config.optim.lr (resuming this workdir with a changed config needs "
+                    "--config.allow_config_change=true) or check the data.")
         pending.clear()
         return {k: float(v) for k, v in fetched[-1][1].items()} if fetched else {}
 
@@ -241,9 +291,12 @@ class Trainer:
                 if save_now:
                     self.save(data_iter)
                     saved_step = step
-                if evaluate is not None and cfg.get("eval_every") and (step % cfg.eval_every == 0 or step == end):
-                    writer.write_scalars(step, dict(evaluate(self.model(self.state["params"],
-                                                                        self.state.get("model_state")), step)))
+                if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == end):
+                    if self.checkpointer is not None and saved_step != step:  # an evaluation failure loses nothing
+                        self._check(pending)
+                        self.save(data_iter)
+                        saved_step = step
+                    writer.write_scalars(step, self._evaluate(evaluate, step))
             self._check(pending)
             return "done"
         finally:
@@ -252,6 +305,15 @@ class Trainer:
             if self.checkpointer is not None:
                 self.checkpointer.wait()
             writer.flush()
+
+    def _evaluate(self, evaluate: Callable[[Any, int], Mapping[str, float]], step: int) -> dict[str, float]:
+        try:
+            return dict(evaluate(self.model(self.state["params"], self.state.get("model_state")), step))
+        except Exception:
+            saved = (f"the state of step {step} is saved in {self.checkpointer.directory}; a rerun resumes there"
+                     if self.checkpointer is not None else "no workdir, nothing saved")
+            log.error("evaluation at step %d failed (%s)", step, saved)
+            raise
 
     def close(self) -> None:
         if self.checkpointer is not None:
@@ -290,6 +352,7 @@ def run(config, workdir: str | Path) -> str:
     -> "done" / "preempted". A `config.data.generate` dict generates the synthetic world into
     `config.data.root` when it is missing."""
     workdir = Path(workdir)
+    configs.validate(config)
     if "stages" in config:
         for name in config.stages:
             stage = config[name]
@@ -305,15 +368,17 @@ def run(config, workdir: str | Path) -> str:
 
         synthetic.ensure(config.data.root, **config.data.generate.to_dict())
     task.check_inputs(config)
-    data = make_data(config, task)
-    trainer = Trainer(config, workdir)
-    writer = MetricWriter(workdir / "tensorboard")
-    evaluate = task.make_evaluator(config) if hasattr(task, "make_evaluator") else None
+    trainer = Trainer(config, workdir)  # refuses a workdir of another config before anything is written
     try:
-        return trainer.fit(data, writer=writer, evaluate=evaluate)
+        data = make_data(config, task)
+        evaluate = task.make_evaluator(config) if hasattr(task, "make_evaluator") else None
+        writer = MetricWriter(workdir / "tensorboard")
+        try:
+            return trainer.fit(data, writer=writer, evaluate=evaluate)
+        finally:
+            writer.close()
     finally:
         trainer.close()
-        writer.close()
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, optionally file.py:variant", lock_config=True)
@@ -330,7 +395,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config FILE[:variant] and --workdir DIR are required")
     try:
         result = run(_CONFIG.value, _WORKDIR.value)
-    except (NonFiniteLossError, FileNotFoundError) as e:
+    except (NonFiniteLossError, FileNotFoundError, ConfigError) as e:
         log.error("%s", e)
         sys.exit(1)
     log.info("training %s", result)

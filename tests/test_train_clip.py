@@ -60,7 +60,7 @@ def test_adamw_groups_clipping_and_freezing_match_torch():
 
     cfg = ml_collections.ConfigDict({
         "lr": 0.05, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.1,
-        "schedule": {"kind": "warmup_poly", "warmup_steps": 3, "total_steps": 20},
+        "schedule": {"kind": "warmup_poly", "warmup_steps": 3},
         "grad_clip_norm": 0.5, "lr_mults": [(r"^backbone/", 0.1)], "wd_mults": [(r"(norm|bias)", 0.0)],
         "freeze": [r"^frozen/"], "trainable": None,
     })
@@ -77,7 +77,7 @@ def test_adamw_groups_clipping_and_freezing_match_torch():
 
     names = optim.trainable_paths(init, cfg)
     assert "frozen/w" not in names
-    tx = optim.make_optimizer(cfg, {k: init[k] for k in names})
+    tx = optim.make_optimizer(cfg, optim.param_groups(names, cfg), total_steps=20)
     params = {k: jnp.asarray(v) for k, v in init.items()}
     opt_state = tx.init({k: params[k] for k in names})
     for _ in range(6):

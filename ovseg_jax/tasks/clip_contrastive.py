@@ -31,22 +31,47 @@ def model_config(config) -> ClipConfig:
     return ClipConfig(**config.model.clip.to_dict())
 
 
+def _has_tokenizer_files(path: str) -> bool:
+    return bool(path) and Path(path).is_dir() and any((Path(path) / f).is_file() for f in ("vocab.json", "tokenizer.json"))
+
+
+def tokenizer_path(config) -> str:
+    """`config.data.tokenizer`, or when it is "" a transformers CLIP `init_from` with its own
+    tokenizer files ("" if neither)."""
+    tokenizer = config.data.get("tokenizer") or ""
+    init = config.get("init_from") or ""
+    return tokenizer or (init if _has_tokenizer_files(init) else "")
+
+
 def check_inputs(config) -> None:
-    """Fail early, naming the expected files, when `init_from` or the pairs file is missing."""
+    """Fail early with one message naming every missing input: `init_from`, the pairs / captions
+    file and the tokenizer."""
+    from ovseg_jax.configs import OPENAI_BPE_HINT  # noqa: PLC0415
+
+    missing = []
     init = config.get("init_from") or ""
     if init and not Path(init).exists():
-        raise FileNotFoundError(
-            f"config.init_from={init!r} does not exist. Expected a trainer workdir of the previous "
-            "stage (<workdir>/checkpoints/<step>/params) or a CLIP checkpoint: OpenAI ViT-L-14.pt / "
-            "ViT-B-16.pt (the `clip` package downloads them), a transformers CLIP directory, or an "
-            "OVSeg .pth; see README.md, 'Training > Inputs'.")
+        missing.append(
+            f"config.init_from={init!r}: a trainer workdir of the previous stage "
+            "(<workdir>/checkpoints/<step>/params) or a CLIP checkpoint: OpenAI ViT-L-14.pt / "
+            "ViT-B-16.pt (the `clip` package downloads them), a transformers CLIP directory, or an OVSeg .pth")
     data = config.data
-    if data.get("kind") == "clip_pairs" and not Path(data.path).exists():
-        raise FileNotFoundError(
-            f"config.data.path={data.path!r} does not exist. Expected the mask-category pairs: the "
-            "released coco_proposal_1cap.csv (tab-separated filepath/title) with its crop images, "
-            "from the Google Drive link in OVSeg's open_clip_training/README.md, or our JSON-lines "
-            "pairs; see README.md, 'Training > Inputs'.")
+    kind = data.get("kind")
+    if kind in ("clip_pairs", "captions"):
+        if not Path(data.path).exists():
+            missing.append(
+                f"config.data.path={data.path!r}: the mask-category pairs: the released coco_proposal_1cap.csv "
+                "(tab-separated filepath/title) with its crop images, from the Google Drive link in OVSeg's "
+                "open_clip_training/README.md, or our JSON-lines pairs" if kind == "clip_pairs" else
+                f"config.data.path={data.path!r}: image-caption JSON lines {{'image', 'caption'}}")
+        tokenizer = data.get("tokenizer") or ""
+        if tokenizer and not Path(tokenizer).exists():
+            missing.append(f"config.data.tokenizer={tokenizer!r}: {OPENAI_BPE_HINT}")
+        elif not tokenizer and not (init and not Path(init).exists()) and not tokenizer_path(config):
+            missing.append(f"config.data.tokenizer is empty and config.init_from={init!r} has no tokenizer files: "
+                           f"set it to OpenAI's bpe_simple_vocab_16e6.txt.gz; {OPENAI_BPE_HINT}")
+    if missing:
+        raise FileNotFoundError("missing inputs (see README.md, 'Training > Inputs'):\n- " + "\n- ".join(missing))
 
 
 def build_model(config, *, dtype, rngs: nnx.Rngs) -> CLIP:
@@ -90,19 +115,26 @@ def post_update(params: dict) -> dict:
 
 def make_data(config):
     """This process's batches for `config.data.kind`: "clip_pairs" (masked-crop pairs file, `.csv`
-    or `.jsonl`) or "captions" (image-caption JSON lines), tokenised with `config.data.tokenizer`."""
+    or `.jsonl`) or "captions" (image-caption JSON lines), tokenised with `tokenizer_path(config)`,
+    which must fit the model's vocabulary and end-of-text id."""
     from ovseg_jax.data import pipeline  # noqa: PLC0415
     from ovseg_jax.text import Tokenizer  # noqa: PLC0415
 
     d = config.data
-    tokenizer = Tokenizer.load(d.tokenizer, context_length=model_config(config).context_length)
-    common = dict(batch_size=config.batch_size, seed=d.get("seed", config.seed), num_workers=d.get("num_workers", 0),
-                  skip_bad_examples=d.get("skip_bad_examples", False))
-    size = model_config(config).image_size
+    cfg = model_config(config)
+    path = tokenizer_path(config)
+    tokenizer = Tokenizer.load(path, context_length=cfg.context_length)
+    if tokenizer.vocab_size > cfg.vocab_size or tokenizer.eot_token_id != cfg.eot_token_id:
+        raise ValueError(f"tokenizer {path}: {tokenizer.vocab_size} tokens, end-of-text id {tokenizer.eot_token_id}; "
+                         f"config.model.clip has vocab_size {cfg.vocab_size}, eot_token_id {cfg.eot_token_id}")
+    common = dict(batch_size=config.batch_size, seed=d.get("seed", config.seed), num_workers=d.num_workers,
+                  skip_bad_examples=d.skip_bad_examples)
+    size = cfg.image_size
     if d.kind == "clip_pairs":
         return iter(pipeline.clip_pairs_loader(d.path, tokenizer, image_size=size,
-                                               region_mask=model_config(config).mask_prompt_depth > 0, **common))
+                                               region_mask=cfg.mask_prompt_depth > 0, **common))
     if d.kind == "captions":
         return iter(pipeline.caption_loader(d.path, tokenizer, image_size=size, **common))
     raise ValueError(f"config.data.kind={d.kind!r}: the clip task reads 'clip_pairs' or 'captions' "
                      "(or use kind='python' with a factory)")
+
