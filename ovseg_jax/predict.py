@@ -9,6 +9,15 @@ padded at the bottom/right beyond `resized_hw` (e.g. to a shape bucket). Pixels 
 and masks are cut to `resized_hw` before cropping and scoring; so a bucket equal to the
 multiple-of-32 padded size reproduces the original. One compilation per padded shape; the final
 resize to the original size (a small jitted function) compiles once per original size.
+`Predictor(..., resize=(640, 2560))` makes `predict(image, names)` resize a raw image as reference
+1.1 first and return labels at its size.
+
+Accepted images (`as_rgb_uint8`): uint8 `[H, W, 3]` (the normal path); grayscale `[H, W]` /
+`[H, W, 1]` (repeated to RGB); RGBA `[H, W, 4]` (alpha dropped, as PIL's `convert("RGB")`);
+other integer types with values in 0..255; floating point with values in [0, 1], converted with
+`round(255 * x)` (a float image on the 0-255 scale is refused: pass it as uint8). NaN/inf, empty
+images, other shapes, empty / blank / duplicate class names, and inputs of more than `max_pixels`
+pixels raise `ValueError` saying what was expected.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from ovseg_jax.clip import Clip
+from ovseg_jax.data.transforms import resize_image, resized_hw as reference_resized_hw
 from ovseg_jax.image_ops import window_interpolation_matrix
 from ovseg_jax.inference import ensemble_class_probs, upsample_masks
 from ovseg_jax.masked_crops import masked_crops
@@ -64,6 +74,70 @@ def _labels(scores: jax.Array, resized_hw: jax.Array, original_hw: tuple[int, in
     return jnp.argmax(full, axis=-1).astype(jnp.int32)
 
 
+def as_rgb_uint8(image) -> np.ndarray:
+    """An image in any accepted form (see the module docstring) -> uint8 `[H, W, 3]`; else ValueError."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim == 3 and image.shape[-1] == 4:
+        image = image[..., :3]
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be RGB [H, W, 3], RGBA [H, W, 4] or grayscale [H, W]; got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image is empty ({image.shape[0]} x {image.shape[1]} pixels)")
+    if image.dtype == np.uint8:
+        return image
+    if np.issubdtype(image.dtype, np.floating):
+        bad = ~np.isfinite(image)
+        if bad.any():
+            raise ValueError(f"image has {int(bad.any(axis=-1).sum())} pixels with NaN or inf values")
+        lo, hi = float(image.min()), float(image.max())
+        if lo < 0 or hi > 1:
+            raise ValueError(f"a floating-point image must hold values in [0, 1] (scaled by 255); got {lo:g}..{hi:g}. "
+                             "For 0-255 values pass the image as uint8")
+        return np.round(image * 255).astype(np.uint8)
+    if np.issubdtype(image.dtype, np.integer):
+        lo, hi = int(image.min()), int(image.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"an integer image must hold values in 0..255; got {lo}..{hi} ({image.dtype}). "
+                             "A 16-bit image: pass (image >> 8).astype(np.uint8)")
+        return image.astype(np.uint8)
+    raise ValueError(f"image dtype {image.dtype} not supported; expected uint8 (or float in [0, 1])")
+
+
+def check_class_names(class_names: Sequence[str]) -> list[str]:
+    """The names as a list; ValueError for an empty list, blank names or names equal after stripping
+    (CLIP embeds `name.strip()`, so "cat" and "cat " would be one class twice)."""
+    if isinstance(class_names, str):
+        raise ValueError(f"class_names must be a list of names, not the string {class_names!r}")
+    names = list(class_names)
+    if not names:
+        raise ValueError("class_names is empty; give at least one class name")
+    blank = [i for i, n in enumerate(names) if not isinstance(n, str) or not n.strip()]
+    if blank:
+        raise ValueError(f"class names at positions {blank} are blank or not strings: {[names[i] for i in blank]}")
+    seen: dict[str, int] = {}
+    duplicates = [f"{n!r} (positions {seen[n.strip()]} and {i})" for i, n in enumerate(names)
+                  if seen.setdefault(n.strip(), i) != i]
+    if duplicates:
+        raise ValueError(f"duplicate class names: {', '.join(duplicates)}")
+    return names
+
+
+def _check_hw(hw, what: str) -> tuple[int, int]:
+    hw = tuple(int(v) for v in hw)
+    if len(hw) != 2 or min(hw) <= 0:
+        raise ValueError(f"{what} must be two positive sizes (H, W); got {hw}")
+    return hw
+
+
+# The largest input the reference's resize gives is 640 x 2560; twice that leaves room for bucket
+# padding and larger `short` settings. 100 proposals' float32 mask probabilities at this size: 1.3 GB.
+MAX_PIXELS = 2 * 640 * 2560
+
+
 class Predictor:
     """Segmenter + (mask-adapted) CLIP -> per-pixel labels over any class names.
 
@@ -71,21 +145,33 @@ class Predictor:
     (0.7 A-150/A-847, 0.6 PC-59/PC-459, 0.45 PAS-20; 0 = CLIP only; None = segmenter only).
     mask_prompts: feed region masks to CLIP (reference `MASK_PROMPT_FWD`) when it has prompts.
     templates: prompt templates of the class-name embeddings ("vild" = the 14 ViLD templates).
+    resize: `(short, max_size)`, e.g. (640, 2560) (R101c: (512, 2048)): `predict` without `resized_hw`
+        resizes the image as reference 1.1 (PIL bilinear) and returns labels at the image's size.
+        None: the image is the model input as given.
+    max_pixels: larger model inputs are refused (ValueError) instead of allocating gigabytes.
     """
 
     def __init__(self, segmenter: Segmenter, clip: Clip, *, mask_threshold: float = 0.4,
                  ensemble_weight: float | None = 0.7, mask_prompts: bool = True,
-                 templates: str | Sequence[str] = "vild"):
+                 templates: str | Sequence[str] = "vild", resize: tuple[int, int] | None = None,
+                 max_pixels: int = MAX_PIXELS):
         self.segmenter, self.clip, self.templates = segmenter, clip, templates
         self.mask_threshold, self.ensemble_weight = mask_threshold, ensemble_weight
         self.mask_prompts = mask_prompts and clip.config.mask_prompt_depth > 0
+        self.resize = None if resize is None else _check_hw(resize, "resize (short, max_size)")
+        self.max_pixels = max_pixels
 
     def scores(self, image, class_names: Sequence[str], resized_hw: tuple[int, int] | None = None) -> jax.Array:
         """`[Hp, Wp, 3]` uint8 resized (+ padded) image -> `[Hp, Wp, C]` scores (0 outside `resized_hw`)."""
-        image = jnp.asarray(image)
-        if image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"image must be [H, W, 3] RGB; got {image.shape}")
-        resized_hw = image.shape[:2] if resized_hw is None else tuple(int(v) for v in resized_hw)
+        class_names = check_class_names(class_names)
+        h, w = (np.shape(image) + (1, 1))[:2]  # checked before any copy is made
+        if h * w > self.max_pixels:
+            raise ValueError(
+                f"image of {h} x {w} pixels is larger than max_pixels={self.max_pixels} (the model runs at "
+                "the reference's test size, short side 640 and long side <= 2560): resize it first, e.g. "
+                "Predictor(..., resize=(640, 2560)), or raise max_pixels")
+        image = as_rgb_uint8(image)
+        resized_hw = image.shape[:2] if resized_hw is None else _check_hw(resized_hw, "resized_hw")
         if resized_hw[0] > image.shape[0] or resized_hw[1] > image.shape[1]:
             raise ValueError(f"resized_hw {resized_hw} exceeds the image {image.shape[:2]}")
         seg_graph, seg_state = nnx.split(self.segmenter)
@@ -97,9 +183,17 @@ class Predictor:
 
     def predict(self, image, class_names: Sequence[str], *, resized_hw: tuple[int, int] | None = None,
                 original_hw: tuple[int, int] | None = None) -> np.ndarray:
-        """-> `[H0, W0]` int32 class indices into `class_names` at the original resolution."""
-        image = np.asarray(image)
-        resized_hw = image.shape[:2] if resized_hw is None else tuple(int(v) for v in resized_hw)
-        original_hw = resized_hw if original_hw is None else tuple(int(v) for v in original_hw)
+        """-> `[H0, W0]` int32 class indices into `class_names` at the original resolution.
+
+        `original_hw` defaults to `resized_hw`, or with `resize` set and no `resized_hw`, to the size
+        of the image, which is then resized as reference 1.1 before the model sees it."""
+        if resized_hw is None and self.resize is not None:
+            image = as_rgb_uint8(image)
+            original_hw = image.shape[:2] if original_hw is None else original_hw
+            image = resize_image(image, reference_resized_hw(*image.shape[:2], *self.resize))
+        resized_hw = None if resized_hw is None else _check_hw(resized_hw, "resized_hw")
+        original_hw = None if original_hw is None else _check_hw(original_hw, "original_hw")
         scores = self.scores(image, class_names, resized_hw)
+        resized_hw = scores.shape[:2] if resized_hw is None else resized_hw
+        original_hw = resized_hw if original_hw is None else original_hw
         return np.asarray(_labels(scores, jnp.asarray(resized_hw, jnp.int32), original_hw))
