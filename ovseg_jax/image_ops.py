@@ -85,6 +85,8 @@ def resize(x: jax.Array, out_hw: tuple[int, int], mode: str, axes: tuple[int, in
     ax_h, ax_w = (a % x.ndim for a in axes)
     in_h, in_w = x.shape[ax_h], x.shape[ax_w]
     out_h, out_w = out_hw
+    if min(in_h, in_w, out_h, out_w) <= 0:
+        raise ValueError(f"cannot resize {in_h}x{in_w} to {out_h}x{out_w}: both sizes must be positive")
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
     y = x.astype(dtype)
     # Equal sizes are an identity in every mode (the cubic weights are [0, 1, 0, 0] at t=0).

@@ -396,3 +396,15 @@ def test_evaluation_can_still_stop_at_a_bad_example(eval_split_with_bad_files):
                                     skip_bad_examples=False)
     with pytest.raises(sources.BadExampleError, match="1_corrupt.jpg"):
         evaluate_dataset(_ConstantPredictor(), examples, source.class_names, ignore_value=255, log_every=0)
+
+
+def test_resizing_to_or_from_nothing_is_refused():
+    from ovseg_jax.image_ops import resize_bilinear
+    from ovseg_jax.inference import predict_labels
+
+    with pytest.raises(ValueError, match="cannot resize 4x5 to 0x3"):
+        resize_bilinear(np.zeros((1, 4, 5, 2), np.float32), (0, 3))
+    with pytest.raises(ValueError, match="cannot resize 0x5 to 2x3"):
+        resize_bilinear(np.zeros((1, 0, 5, 2), np.float32), (2, 3))
+    with pytest.raises(ValueError, match="cannot resize 4x5 to 0x0"):
+        predict_labels(np.zeros((4, 5, 3), np.float32), (0, 0))
