@@ -157,6 +157,13 @@ def test_text_or_random_bytes_are_not_a_checkpoint(tmp_path, content, hint):
         read_state_dict(path)
 
 
+def test_safetensors_under_a_torch_name_is_recognised(tmp_path):
+    write_safetensors({"w": np.zeros(2, np.float32)}, tmp_path / "w.safetensors")
+    (tmp_path / "w.bin").write_bytes((tmp_path / "w.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="w.bin is not a PyTorch checkpoint.*safetensors file: name it"):
+        read_state_dict(tmp_path / "w.bin")
+
+
 def test_other_pickles_and_zips_are_not_a_checkpoint(tmp_path):
     (tmp_path / "p.pth").write_bytes(pickle.dumps({"a": 1}, protocol=4))
     with pytest.raises(CheckpointError, match="p.pth is a pickle but not a PyTorch checkpoint"):

@@ -72,6 +72,8 @@ def _first_bytes(path: Path, n: int = 24) -> bytes:
 def _what_it_looks_like(head: bytes) -> str:
     """A hint for files that are not checkpoints (download pages, LFS pointers, text)."""
     text = head.lstrip().lower()
+    if len(head) > 9 and head[8:10] in (b'{"', b"{}"):
+        return "; it is a safetensors file: name it .safetensors"
     if text.startswith(b"version https://git-lfs"):
         return "; it is a Git LFS pointer: fetch the real file with `git lfs pull`"
     if text.startswith((b"<!doctype", b"<html", b"<?xml")):
