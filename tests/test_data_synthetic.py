@@ -8,13 +8,13 @@ from PIL import Image
 
 from ovseg_jax.data import registry, synthetic
 
-NUM_TRAIN, NUM_VAL, SIZE = 24, 16, 48
+NUM_TRAIN, NUM_VAL, NUM_WEB, SIZE = 24, 16, 600, 48
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return synthetic.generate(tmp_path_factory.mktemp("world"), num_train=NUM_TRAIN, num_val=NUM_VAL,
-                              image_size=SIZE, seed=3)
+                              num_web=NUM_WEB, image_size=SIZE, seed=3)
 
 
 def _label(world, split, i):
@@ -38,15 +38,15 @@ def test_layout_and_class_split(world):
     assert meta["names"] == list(synthetic.CLASS_NAMES)
     assert set(meta["seen"]) | set(meta["unseen"]) == set(meta["names"])
     assert not set(meta["seen"]) & set(meta["unseen"])
-    # every colour and every shape stays seen in some combination
-    for word in list(synthetic.COLORS) + list(synthetic.SHAPES):
+    # every colour and every pattern stays seen in some combination
+    for word in list(synthetic.COLORS) + list(synthetic.PATTERNS):
         assert any(word in name.split() for name in meta["seen"])
     assert (world / "tokenizer" / "vocab.json").is_file()
 
 
 def test_deterministic_from_seed(world, tmp_path):
-    again = synthetic.generate(tmp_path / "a", num_train=4, num_val=2, image_size=SIZE, seed=3)
-    other = synthetic.generate(tmp_path / "b", num_train=4, num_val=2, image_size=SIZE, seed=4)
+    again = synthetic.generate(tmp_path / "a", num_train=4, num_val=2, num_web=2, image_size=SIZE, seed=3)
+    other = synthetic.generate(tmp_path / "b", num_train=4, num_val=2, num_web=2, image_size=SIZE, seed=4)
     for split, i in (("train", 3), ("val", 1)):
         name = f"{i:06d}.png"
         a = np.asarray(Image.open(again / "images" / split / name))
@@ -65,6 +65,32 @@ def test_captions_name_the_visible_classes(world):
         for name in synthetic.CLASS_NAMES:
             mentioned = f" {name} " in f" {text} "
             assert mentioned == (name in visible), (name, text, visible)
+
+
+def test_web_corpus_names_every_class_in_short_captions(world):
+    """CLIP pretraining sees every class name, unseen ones included (as web data does), as
+    "a <name>", and no caption is cut by the synthetic CLIP's 24-token context."""
+    from ovseg_jax.text import Tokenizer
+
+    rows = [json.loads(line) for line in (world / "web" / "captions.jsonl").read_text().splitlines()]
+    assert len(rows) == NUM_WEB
+    texts = [f" {row['caption']} " for row in rows]
+    for name in synthetic.CLASS_NAMES:
+        assert any(f" a {name} " in t for t in texts), name
+    tokenizer = Tokenizer.from_dir(world / "tokenizer", context_length=64)
+    ids = tokenizer([row["caption"] for row in rows])
+    assert int((ids != 0).sum(axis=1).max()) <= 24
+    image = np.asarray(Image.open(world / "web" / rows[0]["image"]))
+    assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
+
+
+def test_unseen_things_are_new_combinations_of_seen_words():
+    for name in synthetic.UNSEEN:
+        if name in synthetic.STUFF:
+            continue
+        pattern, colour = name.split()
+        assert sum(n.endswith(" " + colour) for n in synthetic.SEEN) == len(synthetic.PATTERNS) - 1
+        assert sum(n.startswith(pattern + " ") for n in synthetic.SEEN) >= 3
 
 
 def test_pairs_are_seen_classes_with_exact_masks(world):

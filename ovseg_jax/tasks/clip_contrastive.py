@@ -138,3 +138,29 @@ def make_data(config):
     raise ValueError(f"config.data.kind={d.kind!r}: the clip task reads 'clip_pairs' or 'captions' "
                      "(or use kind='python' with a factory)")
 
+
+def make_evaluator(config):
+    """`evaluate(model, step) -> {"eval/crop_acc", "eval/crop_acc_seen", "eval/crop_acc_unseen"}`:
+    zero-shot accuracy of masked ground-truth regions of `config.eval` (dataset, root, split,
+    max_examples, templates, unseen class names) over all the dataset's class names
+    (`ovseg_jax.zero_shot`). None without `config.eval`."""
+    e = config.get("eval")
+    if not e:
+        return None
+    from ovseg_jax.clip import Clip  # noqa: PLC0415
+    from ovseg_jax.data import registry  # noqa: PLC0415
+    from ovseg_jax.text import Tokenizer  # noqa: PLC0415
+    from ovseg_jax.zero_shot import crop_accuracy, ground_truth_crops  # noqa: PLC0415
+
+    cfg = model_config(config)
+    source = registry.get(e.dataset).make_source(e.root, e.get("split", "val"))
+    crops = ground_truth_crops(source, image_size=cfg.image_size, max_examples=e.get("max_examples"))
+    tokenizer = Tokenizer.load(tokenizer_path(config), context_length=cfg.context_length)
+
+    def evaluate(model: CLIP, step: int) -> dict[str, float]:
+        del step
+        m = crop_accuracy(Clip(model, tokenizer), crops, source.class_names, templates=e.get("templates", "vild"),
+                          unseen=list(e.get("unseen") or ()))
+        return {f"eval/{k}": v for k, v in m.items() if k != "crops"}
+
+    return evaluate

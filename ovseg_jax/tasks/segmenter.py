@@ -165,7 +165,9 @@ def loss_config(ce: float = 1.0, mask: float = 20.0, dice: float = 1.0, no_objec
 
 
 def make_data(config):
-    """This process's training batches of `config.data.dataset` (a registry name) under `config.data.root`."""
+    """This process's training batches of `config.data.dataset` (a registry name) under `config.data.root`;
+    `config.data.photometric` / `flip` switch the SSD colour jitter and the horizontal flip (reference
+    3.1: both on; a world whose classes are colours needs the jitter off)."""
     from ovseg_jax.data import pipeline, registry, transforms  # noqa: PLC0415
 
     d = config.data
@@ -173,6 +175,7 @@ def make_data(config):
     return iter(pipeline.segmentation_loader(
         source, batch_size=config.batch_size, crop_size=d.crop_size, max_masks=d.max_masks,
         scales=tuple(d.get("scales") or transforms.TRAIN_SCALES), max_size=d.get("max_size", 2560),
+        photometric=d.get("photometric", True), flip=d.get("flip", True),
         seed=d.get("seed", config.seed), num_workers=d.get("num_workers", 0),
         skip_bad_examples=d.get("skip_bad_examples", False)))
 
