@@ -72,7 +72,12 @@ def check_resume(config, workdir: Path) -> None:
 
 
 def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+    """True when no leaf holds an inf or NaN. The per-leaf counts meet behind a square root: XLA
+    copies cheap scalar ops into every consumer's fusion, and a chain of per-leaf `and`s was copied
+    into each parameter's `where(ok, new, old)`, making the compiled step quadratic in the number
+    of parameters (2-core CPU compile of a tiny Swin segmenter's step: 65 s before, 28 s now)."""
+    bad = sum(jnp.sum(~jnp.isfinite(x), dtype=jnp.float32) for x in jax.tree.leaves(tree))
+    return jnp.sqrt(bad) == 0
 
 
 def _put_global(value: Any, target: NamedSharding) -> jax.Array:
