@@ -11,6 +11,7 @@ import os
 import pickle
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -127,10 +128,8 @@ def write_detectron2_resnet(path: Path) -> None:
                      "matching_heuristics": True}, f)
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> Path:
-    """The working directory the recipes' relative paths resolve in, with every input they name."""
-    cwd = tmp_path_factory.mktemp("recipes")
+def write_inputs(cwd: Path) -> None:
+    """Every input the recipes name, under the working directory their relative paths resolve in."""
     write_openai_bpe(cwd / "weights/bpe_simple_vocab_16e6.txt.gz")
     write_openai_clip(cwd / "weights/ViT-L-14.pt")
     (cwd / "weights/ViT-B-16.pt").write_bytes((cwd / "weights/ViT-L-14.pt").read_bytes())
@@ -138,25 +137,59 @@ def inputs(tmp_path_factory) -> Path:
     write_coco_stuff(cwd / "datasets")
     write_imagenet_swin(cwd / "weights/swin_base_patch4_window12_384_22k.pth")
     write_detectron2_resnet(cwd / "weights/R-103.pkl")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    """The environment of the module's subprocesses: CPU, this checkout, and one JAX compilation
+    cache (every program, however quick to compile), so that what one process compiled (the tiny
+    models' initialisers, the class-name text bank, a step another recipe shares) the others load."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, env) -> Path:
+    """The working directory with every input (`write_inputs`), written by a subprocess that fills
+    the compilation cache with the tiny CLIP's, Swin's and ResNet's initialisers the runs use too."""
+    cwd = tmp_path_factory.mktemp("recipes")
+    proc = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from tests.test_recipes "
+                           "import write_inputs; write_inputs(Path(sys.argv[1]))", str(cwd)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     return cwd
 
 
-_DONE: dict[str, subprocess.CompletedProcess] = {}
+# The recipes' runs, longest first; a mask prompt tuning run starts from its fine-tuning run's workdir.
+CHAINS = [("swinb_vitl_seg",), ("r101c_vitb_seg",), ("vitl_ft", "vitl_mpt"), ("vitb_ft", "vitb_mpt")]
+TRAINS = "test_recipe_trains_two_steps_on_its_real_input_layout"
 
 
-def train(name: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m ovseg_jax.train --config configs/NAME.py --workdir runs/NAME` + the tiny overrides
-    (once per module; the mask prompt tuning recipes start from the fine-tuning runs' workdirs)."""
-    if name not in _DONE:
-        if name.endswith("_mpt"):
-            train(name.replace("_mpt", "_ft"), cwd)
-        kind = "clip" if name.startswith("vit") else "segmenter"
-        extra = OVERRIDES[kind] + (OVERRIDES["swin" if "swin" in name else "resnet"] if kind == "segmenter" else [])
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-        _DONE[name] = subprocess.run(
-            [sys.executable, "-m", "ovseg_jax.train", f"--config={ROOT / 'configs' / name}.py",
-             f"--workdir=runs/{name}", *extra], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    return _DONE[name]
+def train(name: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """`python -m ovseg_jax.train --config configs/NAME.py --workdir runs/NAME` + the tiny overrides."""
+    kind = "clip" if name.startswith("vit") else "segmenter"
+    extra = OVERRIDES[kind] + (OVERRIDES["swin" if "swin" in name else "resnet"] if kind == "segmenter" else [])
+    return subprocess.run(
+        [sys.executable, "-m", "ovseg_jax.train", f"--config={ROOT / 'configs' / name}.py",
+         f"--workdir=runs/{name}", *extra], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def runs(inputs, env, request):
+    """{recipe: future of {name: CompletedProcess} of its chain}: the selected recipes' runs (with the
+    fine-tuning runs their mask prompt tuning runs start from), as many at once as there are CPU
+    cores, since a run compiles on about one core."""
+    selected = {item.callspec.params["name"] for item in request.session.items
+                if getattr(item, "originalname", None) == TRAINS}
+    chains = [chain for chain in CHAINS if selected & set(chain)]
+    pool = ThreadPoolExecutor(max_workers=max(1, min(len(chains), os.cpu_count() or 1)))
+    futures = {}
+    for chain in chains:
+        future = pool.submit(lambda chain: {name: train(name, inputs, env) for name in chain}, chain)
+        futures.update(dict.fromkeys(chain, future))
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _recipe(name: str):
@@ -168,8 +201,8 @@ def _recipe(name: str):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RECIPES)
-def test_recipe_trains_two_steps_on_its_real_input_layout(inputs, name):
-    proc = train(name, inputs)
+def test_recipe_trains_two_steps_on_its_real_input_layout(inputs, runs, name):
+    proc = runs[name].result()[name]
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "training done" in proc.stderr
     workdir = inputs / "runs" / name
