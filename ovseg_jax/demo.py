@@ -130,7 +130,8 @@ def evaluate(train_dir: Path, config) -> tuple[list[dict], object]:
 
 
 def draw_unseen_example(predictor, config, path: Path) -> Path:
-    """Input | ground truth | prediction of the val image with the most unseen-class pixels, legend below."""
+    """Input | ground truth | prediction of the val image showing the most unseen classes (then the
+    most unseen pixels), legend below."""
     from ovseg_jax.data import registry  # noqa: PLC0415
     from ovseg_jax.visualize import colorize, palette, panel  # noqa: PLC0415
 
@@ -139,7 +140,12 @@ def draw_unseen_example(predictor, config, path: Path) -> Path:
     names = list(source.class_names)
     unseen_ids = [names.index(n) for n in e.unseen]
     count = min(len(source), e.max_examples or len(source))
-    best = max(range(count), key=lambda i: (np.isin(source[i]["label"], unseen_ids).sum(), -i))
+    def unseen_content(i):
+        ids, pixels = np.unique(source[i]["label"], return_counts=True)
+        shown = np.isin(ids, unseen_ids) & (pixels >= 64)
+        return int(shown.sum()), int(pixels[shown].sum()), -i
+
+    best = max(range(count), key=unseen_content)
     example = source[best]
     prediction = predictor.predict(example["image"], names)
     colours = palette(len(names))
