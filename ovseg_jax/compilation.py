@@ -8,13 +8,10 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import jax
 from jax import monitoring
-
-log = logging.getLogger(__name__)
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")

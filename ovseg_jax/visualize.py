@@ -41,15 +41,6 @@ def colorize(labels: np.ndarray, colours: np.ndarray, ignore_value: int = 255) -
     return table[index]
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, colours: np.ndarray, alpha: float = 0.5,
-            ignore_value: int = 255) -> np.ndarray:
-    """Blend the colour label map over uint8 `[H, W, 3]` `image` (ignored pixels keep the image)."""
-    colour = colorize(labels, colours, ignore_value).astype(np.float32)
-    keep = (np.asarray(labels) == ignore_value)[..., None]
-    mixed = (1 - alpha) * image.astype(np.float32) + alpha * colour
-    return np.where(keep, image, np.clip(mixed + 0.5, 0, 255)).astype(np.uint8)
-
-
 def panel(images: Sequence[tuple[str, np.ndarray]], legend: Sequence[tuple[str, Sequence[int]]] = (),
           scale: int = 1) -> Image.Image:
     """Titled uint8 `[H, W, 3]` images side by side (nearest-upscaled by `scale`), a legend of
