@@ -132,7 +132,7 @@ def evaluate(train_dir: Path, config) -> tuple[list[dict], object]:
 def draw_unseen_example(predictor, config, path: Path) -> Path:
     """Input | ground truth | prediction of the val image showing the most unseen classes (then the
     most unseen pixels), legend below."""
-    from ovseg_jax.data import registry  # noqa: PLC0415
+    from ovseg_jax.data import registry, transforms  # noqa: PLC0415
     from ovseg_jax.visualize import colorize, palette, panel  # noqa: PLC0415
 
     e = config.eval
@@ -140,6 +140,7 @@ def draw_unseen_example(predictor, config, path: Path) -> Path:
     names = list(source.class_names)
     unseen_ids = [names.index(n) for n in e.unseen]
     count = min(len(source), e.max_examples or len(source))
+
     def unseen_content(i):
         ids, pixels = np.unique(source[i]["label"], return_counts=True)
         shown = np.isin(ids, unseen_ids) & (pixels >= 64)
@@ -147,7 +148,9 @@ def draw_unseen_example(predictor, config, path: Path) -> Path:
 
     best = max(range(count), key=unseen_content)
     example = source[best]
-    prediction = predictor.predict(example["image"], names)
+    resized = transforms.eval_transform(example, short=e.short, max_size=e.max_size, bucket=e.bucket)
+    prediction = predictor.predict(resized["image"], names, resized_hw=tuple(resized["resized_size"]),
+                                   original_hw=tuple(resized["orig_size"]))  # as evaluated
     colours = palette(len(names))
     shown = sorted(set(np.unique(example["label"]).tolist()) | set(np.unique(prediction).tolist()))
     legend = [(names[i] + (" (unseen)" if i in unseen_ids else ""), colours[i]) for i in shown if i < len(names)]
