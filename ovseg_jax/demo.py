@@ -98,7 +98,7 @@ def evaluate(train_dir: Path, config) -> tuple[list[dict], object]:
     """The paper-style table on the val split -> (rows, the predictor of the last row)."""
     from ovseg_jax.data import pipeline, registry  # noqa: PLC0415
     from ovseg_jax.evaluate import evaluate_dataset  # noqa: PLC0415
-    from ovseg_jax.predict import Predictor  # noqa: PLC0415
+    from ovseg_jax.ensemble import Predictor  # noqa: PLC0415
     from ovseg_jax.tasks.segmenter import load_trained  # noqa: PLC0415
     from ovseg_jax.zero_shot import crop_accuracy, ground_truth_crops  # noqa: PLC0415
 

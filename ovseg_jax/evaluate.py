@@ -86,7 +86,7 @@ def segmentation_metrics(confusion: np.ndarray, class_names: Sequence[str] | Non
 def evaluate_dataset(predictor, examples: Iterable[Mapping[str, np.ndarray]], class_names: Sequence[str], *,
                      ignore_value: int, unseen: Iterable[str] = (), max_examples: int | None = None,
                      log_every: int = 50) -> dict:
-    """Run `predictor` (`ovseg_jax.predict.Predictor`) over eval examples (`ovseg_jax.data.pipeline.
+    """Run `predictor` (`ovseg_jax.ensemble.Predictor`) over eval examples (`ovseg_jax.data.pipeline.
     eval_loader`: padded `image`, original-size `label`, `resized_size`, `orig_size`) -> metrics,
     with `images` (evaluated) and `skipped` (bad examples the loader dropped: its `num_skipped`)."""
     confusion = ConfusionMatrix(len(class_names), ignore_value)

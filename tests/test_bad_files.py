@@ -407,7 +407,7 @@ def test_evaluation_can_still_stop_at_a_bad_example(eval_split_with_bad_files):
 
 def test_resizing_to_or_from_nothing_is_refused():
     from ovseg_jax.image_ops import resize_bilinear
-    from ovseg_jax.inference import predict_labels
+    from ovseg_jax.ensemble import predict_labels
 
     with pytest.raises(ValueError, match="cannot resize 4x5 to 0x3"):
         resize_bilinear(np.zeros((1, 4, 5, 2), np.float32), (0, 3))

@@ -20,7 +20,7 @@ from flax import nnx
 
 from ovseg_jax.data import registry, synthetic, transforms
 from ovseg_jax.evaluate import ConfusionMatrix
-from ovseg_jax.inference import semantic_scores
+from ovseg_jax.ensemble import semantic_scores
 from ovseg_jax.losses.mask_losses import LossWeights
 from ovseg_jax.models.maskformer import Segmenter, normalize_images
 from ovseg_jax.tasks import segmenter as segmenter_task

@@ -14,8 +14,8 @@ from tests import clip_fixtures as demo
 from ovseg_jax.masked_crops import masked_crops
 from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig, normalize_images
 from ovseg_jax.models.swin import SwinConfig
-from ovseg_jax.predict import Predictor
-from tests.test_inference import original_semantic_inference
+from ovseg_jax.ensemble import Predictor
+from tests.test_ensemble import original_semantic_inference
 
 CLASSES = demo.CLASS_NAMES
 

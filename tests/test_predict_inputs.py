@@ -11,7 +11,7 @@ import ovseg_jax.clip as oclip
 from ovseg_jax.models.clip import CLIP, ClipConfig
 from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig
 from ovseg_jax.models.swin import SwinConfig
-from ovseg_jax.predict import Predictor
+from ovseg_jax.ensemble import Predictor
 from ovseg_jax.text import VILD_TEMPLATES, Tokenizer, write_word_vocab
 
 CLASSES = ["red circle", "green square", "blue triangle", "yellow sky", "grass"]

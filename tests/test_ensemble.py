@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg_jax.evaluate import ConfusionMatrix
-from ovseg_jax.inference import predict_labels, semantic_scores
+from ovseg_jax.ensemble import predict_labels, semantic_scores
 
 TOL = 1e-4
 Q, C = 7, 5
