@@ -185,3 +185,9 @@ def test_clip_pairs_and_caption_loaders(world):
     assert all(any(np.array_equal(t, r) for r in all_ids) for t in captions["token_ids"])
     with pytest.raises(crops.DatasetLayoutError, match="pairs file not found"):
         pipeline.clip_pairs_loader(world / "nope.jsonl", tokenizer, **kwargs)
+
+
+def test_binary_captions_file_is_refused_with_its_name(tmp_path):
+    (tmp_path / "captions.jsonl").write_bytes(b'{"image": "a.png", "caption": "x"}\n\xff\xfe\x00\x81 binary')
+    with pytest.raises(ValueError, match=r"captions.jsonl: not a text file \('utf-8' codec can't decode byte 0xff"):
+        pipeline.read_captions(tmp_path / "captions.jsonl")

@@ -247,8 +247,13 @@ def read_captions(path: str | Path) -> list[tuple[str, str]]:
         raise DatasetLayoutError(f"{path}: captions file not found; expected JSON lines "
                                  "{'image': path relative to the file, 'caption': text} "
                                  "(python -m ovseg_jax.data.synthetic writes one)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text file ({e}); expected JSON lines "
+                         "{'image': path relative to the file, 'caption': text}") from None
     out = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    for line_no, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 row = json.loads(line)
