@@ -3,15 +3,28 @@ the two class predictions (reference 1.6-1.10).
 
     predictor = Predictor(segmenter, clip, mask_threshold=0.4, ensemble_weight=0.7)
     labels = predictor.predict(image, class_names, resized_hw=(h, w), original_hw=(H0, W0))
+    results = predictor.predict_batch(images, class_names, resized_hw=[...], original_hw=[...])
 
 `image` is the resized image (short side 640 as reference 1.1, uint8 `[Hp, Wp, 3]`), possibly
 padded at the bottom/right beyond `resized_hw` (e.g. to a shape bucket). Pixels outside
 `resized_hw` are zero in the segmenter's normalised input, exactly as the original's own padding,
 and masks are cut to `resized_hw` before cropping and scoring; so a bucket equal to the
-multiple-of-32 padded size reproduces the original. One compilation per padded shape; the final
-resize to the original size (a small jitted function) compiles once per original size.
+multiple-of-32 padded size reproduces the original. One compilation per padded shape and batch
+size; the final resize to the original size runs on an output padded to a multiple of
+`OUTPUT_BUCKET` (so a folder of mixed sizes compiles it a few times, not once per size).
 `Predictor(..., resize=(640, 2560))` makes `predict(image, names)` resize a raw image as reference
 1.1 first and return labels at its size.
+
+Two modes:
+- "semantic" (the evaluation path, reference 1.7): every pixel gets the argmax class of
+  `Σ_q p[q, c] · M[q]` with the ensemble `p = p_mf^(1-λ) · p_clip^λ` and soft masks `M`.
+- "demo" (the original's `OVSegDEMO`, reference 1.10): for each class the one valid proposal
+  that scores it highest is kept, with its whole probability row, over its hard mask
+  (`M > mask_threshold`); pixels no kept proposal covers are `UNLABELED`. A single class name gets
+  the competitor "others" (its own pick dropped; pixels it wins are `UNLABELED`). The original
+  uses CLIP only (λ=0) here and crashes for λ>0 (upstream issue #18); here λ>0 is the ensemble
+  with the proposal picked among the valid ones. The original also paints a pixel unlabeled when
+  the score of class 0 alone is 0 (a quirk); here it is when no class scores above 0.
 
 Accepted images (`as_rgb_uint8`): uint8 `[H, W, 3]` (the normal path); grayscale `[H, W]` /
 `[H, W, 1]` (repeated to RGB); RGBA `[H, W, 4]` (alpha dropped, as PIL's `convert("RGB")`);
@@ -20,15 +33,17 @@ other integer types with values in 0..255; floating point with values in [0, 1],
 images, other shapes, empty / blank / duplicate class names, and inputs of more than `max_pixels`
 pixels raise `ValueError` saying what was expected.
 
-The pure array functions (`ensemble_class_probs`, `semantic_scores`, `predict_labels`) are what
-`Predictor` runs; they hold static shapes: all Q proposals go through CLIP and the invalid ones (no
-pixel above the mask threshold) are masked out, instead of the original's data-dependent subset.
+The pure array functions (`mask_probabilities`, `ensemble_class_probs`, `semantic_scores`,
+`demo_scores`, `combine`) are what `Predictor` runs; evaluation sweeps and pair mining call them on
+`Predictor.proposals` / `Predictor.classify_crops`. Shapes are static: all Q proposals go through
+CLIP and the invalid ones (no pixel above the mask threshold) are masked out, instead of the
+original's data-dependent subset.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +56,27 @@ from ovseg_jax.image_ops import resize_bilinear, window_interpolation_matrix
 from ovseg_jax.masked_crops import masked_crops
 from ovseg_jax.models.maskformer import TEMPERATURE, Segmenter, normalize_images
 
+MODES = ("semantic", "demo")
+UNLABELED = -1  # demo mode: no proposal covers the pixel
+OTHERS = "others"  # demo mode: the competitor of a single class name (reference 1.10)
+OUTPUT_BUCKET = 64  # final score maps are resized into outputs padded to a multiple of this
+
+
+class Proposals(NamedTuple):
+    """The segmenter's output for one padded image."""
+    pred_logits: jax.Array  # [Q, C+1] open-vocabulary class logits (last column: non-object)
+    mask_probs: jax.Array  # [Q, Hp, Wp] sigmoid mask probabilities, 0 outside the resized window
+
+
+class Segmentation(NamedTuple):
+    """One image's result at its original size."""
+    labels: np.ndarray  # [H0, W0] int32 indices into the class names; UNLABELED (-1) in demo mode
+    confidence: np.ndarray  # [H0, W0] float32 score of the winning class (Σ_q p[q, c] · M[q])
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure array functions
+
 
 def upsample_masks(mask_logits: jax.Array, resized_hw: tuple[int, int]) -> jax.Array:
     """`[Q, h4, w4]` stride-4 mask logits of the padded input -> `[Q, h, w]` logits of the resized
@@ -51,6 +87,19 @@ def upsample_masks(mask_logits: jax.Array, resized_hw: tuple[int, int]) -> jax.A
     if h > 4 * h4 or w > 4 * w4:
         raise ValueError(f"resized size {resized_hw} exceeds the padded size {(4 * h4, 4 * w4)}")
     return padded[:, :h, :w]
+
+
+def inside_window(padded_hw: tuple[int, int], resized_hw: jax.Array) -> jax.Array:
+    """`[Hp, Wp]` bool: pixels of the (traced) `resized_hw` window at the top left of the padded image."""
+    hp, wp = padded_hw
+    return (jnp.arange(hp)[:, None] < resized_hw[0]) & (jnp.arange(wp)[None, :] < resized_hw[1])
+
+
+def mask_probabilities(mask_logits: jax.Array, padded_hw: tuple[int, int], resized_hw: jax.Array) -> jax.Array:
+    """`[Q, h4, w4]` stride-4 mask logits -> `[Q, Hp, Wp]` probabilities, 0 outside the resized
+    window (reference 1.6: bilinear x4, sigmoid, cut to the resized image)."""
+    probs = jax.nn.sigmoid(upsample_masks(mask_logits, padded_hw))
+    return jnp.where(inside_window(padded_hw, resized_hw), probs, 0.0)
 
 
 def ensemble_class_probs(pred_logits: jax.Array, clip_logits: jax.Array | None, valid: jax.Array | None,
@@ -73,56 +122,144 @@ def ensemble_class_probs(pred_logits: jax.Array, clip_logits: jax.Array | None, 
     return p_mf ** (1.0 - ensemble_weight) * p_clip ** ensemble_weight
 
 
-def semantic_scores(pred_logits: jax.Array, mask_logits: jax.Array, clip_logits: jax.Array | None,
-                    valid: jax.Array | None, *, resized_hw: tuple[int, int], ensemble_weight: float) -> jax.Array:
-    """Score map `[h, w, C]` at the resized resolution: `Σ_q p[q, c] · sigmoid(M[q])` (no normalisation).
+def semantic_scores(class_probs: jax.Array, mask_probs: jax.Array) -> jax.Array:
+    """`[Q, C]` class probabilities, `[Q, H, W]` mask probabilities -> `[H, W, C]` scores
+    `Σ_q p[q, c] · M[q]` (reference 1.7 step 6, no normalisation)."""
+    return jnp.einsum("qc,qhw->hwc", class_probs, mask_probs, precision="highest")
 
-    mask_logits: `[Q, h4, w4]` at stride 4 of the padded input; resized_hw: the un-padded size.
+
+def demo_scores(class_probs: jax.Array, mask_probs: jax.Array, valid: jax.Array, *, mask_threshold: float,
+                num_named: int) -> jax.Array:
+    """The original demo's score map (reference 1.10) -> `[H, W, C]`.
+
+    For each of the first `num_named` classes, the valid proposal with the highest probability
+    for it is kept with its whole row of `class_probs` `[Q, C]`; the others are zeroed. The map is
+    the sum of the kept rows over their hard masks `mask_probs > mask_threshold` `[Q, H, W]`.
+    Classes from `num_named` on (the appended "others") compete but pick nothing.
     """
-    probs = ensemble_class_probs(pred_logits, clip_logits, valid, ensemble_weight)
-    masks = jax.nn.sigmoid(upsample_masks(mask_logits, resized_hw))
-    return jnp.einsum("qc,qhw->hwc", probs, masks, precision="highest")
+    q = class_probs.shape[0]
+    best = jnp.argmax(jnp.where(valid[:, None], class_probs, -jnp.inf), axis=0)[:num_named]  # [C']
+    kept = (jax.nn.one_hot(best, q, dtype=jnp.int32).sum(axis=0) > 0) & valid
+    hard = (mask_probs > mask_threshold).astype(class_probs.dtype)
+    return jnp.einsum("qc,qhw->hwc", jnp.where(kept[:, None], class_probs, 0.0), hard, precision="highest")
 
 
-def predict_labels(scores: jax.Array, original_hw: tuple[int, int]) -> jax.Array:
-    """`[h, w, C]` scores -> `[H0, W0]` int32 labels: bilinear resize to the original size, argmax."""
-    return jnp.argmax(resize_bilinear(scores, original_hw), axis=-1).astype(jnp.int32)
+def combine(proposals: Proposals, clip_logits: jax.Array | None, valid: jax.Array | None, *,
+            ensemble_weight: float | None, mode: str = "semantic", mask_threshold: float = 0.4,
+            num_named: int | None = None) -> jax.Array:
+    """One image's `[Hp, Wp, C]` score map from its proposals and CLIP logits (`None` with
+    `ensemble_weight=None`: the segmenter alone)."""
+    if ensemble_weight is None:
+        probs = ensemble_class_probs(proposals.pred_logits, None, None, 0.0)
+    else:
+        probs = ensemble_class_probs(proposals.pred_logits, clip_logits, valid, ensemble_weight)
+    if mode == "semantic":
+        return semantic_scores(probs, proposals.mask_probs)
+    if valid is None:
+        raise ValueError("demo mode needs the CLIP branch (ensemble_weight is None)")
+    num_named = probs.shape[1] if num_named is None else num_named
+    return demo_scores(probs, proposals.mask_probs, valid, mask_threshold=mask_threshold, num_named=num_named)
+
+
+def _labels_and_confidence(scores: jax.Array, resized_hw: jax.Array, original_hw: jax.Array, out_hw: tuple[int, int],
+                           num_named: int | None) -> tuple[jax.Array, jax.Array]:
+    """Bilinear resize of the `resized_hw` window of `[Hp, Wp, C]` scores to `original_hw`, written
+    into an `out_hw` output (rows/columns beyond `original_hw` are padding), then argmax. With
+    `num_named`, pixels without a positive score or won by a class from `num_named` on are UNLABELED."""
+    hp, wp = scores.shape[:2]
+    rows = window_interpolation_matrix(0, resized_hw[0], hp, out_hw[0], "bilinear", original_hw[0])
+    cols = window_interpolation_matrix(0, resized_hw[1], wp, out_hw[1], "bilinear", original_hw[1])
+    full = jnp.einsum("oh,hwc,pw->opc", rows, scores, cols, precision="highest")
+    labels = jnp.argmax(full, axis=-1).astype(jnp.int32)
+    confidence = jnp.max(full, axis=-1)
+    if num_named is not None:
+        labels = jnp.where((confidence <= 0) | (labels >= num_named), UNLABELED, labels)
+    return labels, confidence
+
+
+@functools.partial(jax.jit, static_argnames=("out_hw", "num_named"))
+def _batch_labels(scores, resized_hw, original_hw, *, out_hw, num_named):
+    return jax.vmap(functools.partial(_labels_and_confidence, out_hw=out_hw, num_named=num_named))(
+        scores, resized_hw, original_hw)
+
+
+def _output_bucket(sizes: np.ndarray) -> tuple[int, int]:
+    top = np.max(np.asarray(sizes).reshape(-1, 2), axis=0)
+    return tuple(int(-(-v // OUTPUT_BUCKET) * OUTPUT_BUCKET) for v in top)
+
+
+def predict_labels(scores: jax.Array, original_hw: tuple[int, int], resized_hw: tuple[int, int] | None = None,
+                   num_named: int | None = None) -> np.ndarray:
+    """`[Hp, Wp, C]` scores -> `[H0, W0]` int32 labels: the `resized_hw` window (default: all)
+    bilinearly resized to `original_hw`, argmax (reference 1.7 step 7). `num_named`: demo mode's
+    UNLABELED pixels (see `_labels_and_confidence`)."""
+    scores = jnp.asarray(scores)
+    resized_hw = scores.shape[:2] if resized_hw is None else resized_hw
+    h, w = resized_hw
+    if min(h, w, *original_hw) <= 0:
+        raise ValueError(f"cannot resize {h}x{w} to {original_hw[0]}x{original_hw[1]}: both sizes must be positive")
+    labels, _ = _batch_labels(scores[None], jnp.asarray([resized_hw], jnp.int32),
+                              jnp.asarray([original_hw], jnp.int32), out_hw=_output_bucket(original_hw),
+                              num_named=num_named)
+    return np.asarray(labels[0, :original_hw[0], :original_hw[1]])
+
+
+# ---------------------------------------------------------------------------------------------
+# The networks, jitted
+
+
+def _segment(segmenter: Segmenter, images: jax.Array, text_bank: jax.Array, resized_hw: jax.Array) -> Proposals:
+    """`[B, Hp, Wp, 3]` 0-255 padded images, `[B, 2]` resized sizes -> batched `Proposals`."""
+    padded_hw = images.shape[1:3]
+    inside = jax.vmap(functools.partial(inside_window, padded_hw))(resized_hw)  # [B, Hp, Wp]
+    x = jnp.where(inside[..., None], normalize_images(images), 0.0)
+    out = segmenter(x, text_bank)
+    masks = jax.vmap(functools.partial(mask_probabilities, padded_hw=padded_hw))(out["pred_masks"], resized_hw=resized_hw)
+    return Proposals(out["pred_logits"], masks)
+
+
+def _classify_crops(clip, image: jax.Array, mask_probs: jax.Array, text_bank: jax.Array, *, mask_threshold: float,
+                    mask_prompts: bool) -> tuple[jax.Array, jax.Array]:
+    """CLIP on the masked crops of one image (reference 1.8-1.9) -> (`[Q, C+1]` logits with a zero
+    non-object column, `[Q]` valid)."""
+    crops = masked_crops(image, mask_probs, threshold=mask_threshold, size=clip.config.image_size)
+    feats = clip.encode_image(crops.images, crops.region_masks if mask_prompts else None)
+    feats = feats / jnp.linalg.norm(feats, axis=-1, keepdims=True)
+    logits = TEMPERATURE * feats @ text_bank.T  # the non-object column is dropped by the ensemble
+    return jnp.concatenate([logits, jnp.zeros_like(logits[:, :1])], axis=-1), crops.valid
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _proposals_jit(seg_graph, seg_state, images, text_bank, resized_hw):
+    return _segment(nnx.merge(seg_graph, seg_state), images, text_bank, resized_hw)
+
+
+@functools.partial(jax.jit, static_argnames=("clip_graph", "mask_threshold", "mask_prompts"))
+def _crops_jit(clip_graph, clip_state, images, mask_probs, text_bank, *, mask_threshold, mask_prompts):
+    clip = nnx.merge(clip_graph, clip_state)
+    return jax.lax.map(lambda a: _classify_crops(clip, a[0], a[1], text_bank, mask_threshold=mask_threshold,
+                                                 mask_prompts=mask_prompts), (images, mask_probs))
 
 
 @functools.partial(jax.jit, static_argnames=("seg_graph", "clip_graph", "mask_threshold", "ensemble_weight",
-                                             "mask_prompts"))
-def _scores(seg_graph, seg_state, clip_graph, clip_state, image, text_bank, resized_hw, *, mask_threshold: float,
-            ensemble_weight: float | None, mask_prompts: bool) -> jax.Array:
-    """`[Hp, Wp, C]` scores (zero outside `resized_hw`) for one padded image `[Hp, Wp, 3]` 0-255."""
-    segmenter = nnx.merge(seg_graph, seg_state)
+                                             "mask_prompts", "mode", "num_named"))
+def _scores_jit(seg_graph, seg_state, clip_graph, clip_state, images, text_bank, resized_hw, *, mask_threshold,
+                ensemble_weight, mask_prompts, mode, num_named):
+    """`[B, Hp, Wp, 3]` 0-255 -> `[B, Hp, Wp, C]` scores (zero outside each `resized_hw`)."""
+    proposals = _segment(nnx.merge(seg_graph, seg_state), images, text_bank, resized_hw)
     clip = nnx.merge(clip_graph, clip_state)
-    hp, wp = image.shape[:2]
-    inside = (jnp.arange(hp)[:, None] < resized_hw[0]) & (jnp.arange(wp)[None, :] < resized_hw[1])
-    x = jnp.where(inside[..., None], normalize_images(image[None])[0], 0.0)
-    out = segmenter(x[None], text_bank)
-    pred_logits, mask_logits = out["pred_logits"][0], out["pred_masks"][0]  # [Q, C+1], [Q, Hq/4, Wq/4]
-    mask_probs = jnp.where(inside, jax.nn.sigmoid(upsample_masks(mask_logits, (hp, wp))), 0.0)
-    if ensemble_weight is None:
-        probs = ensemble_class_probs(pred_logits, None, None, 0.0)
-    else:
-        size = clip.config.image_size
-        crops = masked_crops(image.astype(jnp.float32), mask_probs, threshold=mask_threshold, size=size)
-        feats = clip.encode_image(crops.images, crops.region_masks if mask_prompts else None)
-        feats = feats / jnp.linalg.norm(feats, axis=-1, keepdims=True)
-        clip_logits = TEMPERATURE * feats @ text_bank.T  # the non-object column is dropped anyway
-        clip_logits = jnp.concatenate([clip_logits, jnp.zeros_like(clip_logits[:, :1])], axis=-1)
-        probs = ensemble_class_probs(pred_logits, clip_logits, crops.valid, ensemble_weight)
-    return jnp.einsum("qc,qhw->hwc", probs, mask_probs, precision="highest")
 
+    def one(args):
+        image, pred_logits, mask_probs = args
+        one_image = Proposals(pred_logits, mask_probs)
+        if ensemble_weight is None:
+            return combine(one_image, None, None, ensemble_weight=None)
+        clip_logits, valid = _classify_crops(clip, image, mask_probs, text_bank, mask_threshold=mask_threshold,
+                                             mask_prompts=mask_prompts)
+        return combine(one_image, clip_logits, valid, ensemble_weight=ensemble_weight, mode=mode,
+                       mask_threshold=mask_threshold, num_named=num_named)
 
-@functools.partial(jax.jit, static_argnames="original_hw")
-def _labels(scores: jax.Array, resized_hw: jax.Array, original_hw: tuple[int, int]) -> jax.Array:
-    """Bilinear resize of the `resized_hw` window of `[Hp, Wp, C]` scores to `original_hw`, argmax."""
-    hp, wp = scores.shape[:2]
-    rows = window_interpolation_matrix(0, resized_hw[0], hp, original_hw[0], "bilinear")
-    cols = window_interpolation_matrix(0, resized_hw[1], wp, original_hw[1], "bilinear")
-    full = jnp.einsum("oh,hwc,pw->opc", rows, scores, cols, precision="highest")
-    return jnp.argmax(full, axis=-1).astype(jnp.int32)
+    return jax.lax.map(one, (images, proposals.pred_logits, proposals.mask_probs))
 
 
 def as_rgb_uint8(image) -> np.ndarray:
@@ -192,10 +329,12 @@ MAX_PIXELS = 2 * 640 * 2560
 class Predictor:
     """Segmenter + (mask-adapted) CLIP -> per-pixel labels over any class names.
 
-    mask_threshold: 0.4 (Swin-B model), 0.5 (R101c). ensemble_weight: λ of reference 1.7
-    (0.7 A-150/A-847, 0.6 PC-59/PC-459, 0.45 PAS-20; 0 = CLIP only; None = segmenter only).
+    mask_threshold: 0.4 (Swin-B model), 0.5 (R101c), 0.35 (the original demo).
+    ensemble_weight: λ of reference 1.7 (0.7 A-150/A-847, 0.6 PC-59/PC-459, 0.45 PAS-20; 0 = CLIP
+        only; None = segmenter only).
     mask_prompts: feed region masks to CLIP (reference `MASK_PROMPT_FWD`) when it has prompts.
     templates: prompt templates of the class-name embeddings ("vild" = the 14 ViLD templates).
+    mode: "semantic" (evaluation: every pixel gets a class) or "demo" (see the module docstring).
     resize: `(short, max_size)`, e.g. (640, 2560) (R101c: (512, 2048)): `predict` without `resized_hw`
         resizes the image as reference 1.1 (PIL bilinear) and returns labels at the image's size.
         None: the image is the model input as given.
@@ -204,47 +343,138 @@ class Predictor:
 
     def __init__(self, segmenter: Segmenter, clip: Clip, *, mask_threshold: float = 0.4,
                  ensemble_weight: float | None = 0.7, mask_prompts: bool = True,
-                 templates: str | Sequence[str] = "vild", resize: tuple[int, int] | None = None,
-                 max_pixels: int = MAX_PIXELS):
-        self.segmenter, self.clip, self.templates = segmenter, clip, templates
+                 templates: str | Sequence[str] = "vild", mode: str = "semantic",
+                 resize: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS):
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} unknown; expected one of {MODES}")
+        if mode == "demo" and ensemble_weight is None:
+            raise ValueError("demo mode classifies with CLIP: give an ensemble_weight (the original demo uses 0)")
+        if ensemble_weight is not None and not 0.0 <= ensemble_weight <= 1.0:
+            raise ValueError(f"ensemble_weight must lie in [0, 1] (or be None); got {ensemble_weight}")
+        self.segmenter, self.clip, self.templates, self.mode = segmenter, clip, templates, mode
         self.mask_threshold, self.ensemble_weight = mask_threshold, ensemble_weight
         self.mask_prompts = mask_prompts and clip.config.mask_prompt_depth > 0
         self.resize = None if resize is None else _check_hw(resize, "resize (short, max_size)")
         self.max_pixels = max_pixels
 
-    def scores(self, image, class_names: Sequence[str], resized_hw: tuple[int, int] | None = None) -> jax.Array:
-        """`[Hp, Wp, 3]` uint8 resized (+ padded) image -> `[Hp, Wp, C]` scores (0 outside `resized_hw`)."""
-        class_names = check_class_names(class_names)
-        h, w = (np.shape(image) + (1, 1))[:2]  # checked before any copy is made
-        if h * w > self.max_pixels:
-            raise ValueError(
-                f"image of {h} x {w} pixels is larger than max_pixels={self.max_pixels} (the model runs at "
-                "the reference's test size, short side 640 and long side <= 2560): resize it first, e.g. "
-                "Predictor(..., resize=(640, 2560)), or raise max_pixels")
-        image = as_rgb_uint8(image)
-        resized_hw = image.shape[:2] if resized_hw is None else _check_hw(resized_hw, "resized_hw")
-        if resized_hw[0] > image.shape[0] or resized_hw[1] > image.shape[1]:
-            raise ValueError(f"resized_hw {resized_hw} exceeds the image {image.shape[:2]}")
+    # -- inputs ------------------------------------------------------------------------------
+
+    def _names(self, class_names: Sequence[str]) -> tuple[list[str], int]:
+        """(the names the model scores, how many of them are the user's): demo mode adds "others"
+        to a single name."""
+        names = check_class_names(class_names)
+        if self.mode == "demo" and len(names) == 1 and names[0].strip() != OTHERS:
+            return names + [OTHERS], 1
+        return names, len(names)
+
+    def text_bank(self, class_names: Sequence[str]) -> jax.Array:
+        """`[C, D]` unit-norm class embeddings with this predictor's templates."""
+        return self.clip.class_embeddings(class_names, self.templates)
+
+    def _images(self, images, resized_hw) -> tuple[np.ndarray, np.ndarray]:
+        """A padded image `[Hp, Wp, 3]` or a batch `[B, Hp, Wp, 3]` (+ sizes) -> (`[B, Hp, Wp, 3]`
+        uint8, `[B, 2]` int32 resized sizes), checked."""
+        single = not (isinstance(images, (list, tuple)) or np.ndim(images) == 4)
+        batch = [images] if single else list(images)
+        if not batch:
+            raise ValueError("no images")
+        for image in batch:
+            h, w = (np.shape(image) + (1, 1))[:2]  # checked before any copy is made
+            if h * w > self.max_pixels:
+                raise ValueError(
+                    f"image of {h} x {w} pixels is larger than max_pixels={self.max_pixels} (the model runs at "
+                    "the reference's test size, short side 640 and long side <= 2560): resize it first, e.g. "
+                    "Predictor(..., resize=(640, 2560)), or raise max_pixels")
+        batch = [as_rgb_uint8(image) for image in batch]
+        if len({image.shape for image in batch}) > 1:
+            raise ValueError(f"a batch must hold images of one padded shape; got {sorted({i.shape for i in batch})}")
+        if resized_hw is None:
+            sizes = [batch[0].shape[:2]] * len(batch)
+        else:
+            sizes = [resized_hw] if single else list(resized_hw)
+            if len(sizes) != len(batch):
+                raise ValueError(f"{len(sizes)} resized sizes for {len(batch)} images")
+            sizes = [_check_hw(hw, "resized_hw") for hw in sizes]
+        for hw in sizes:
+            if hw[0] > batch[0].shape[0] or hw[1] > batch[0].shape[1]:
+                raise ValueError(f"resized_hw {hw} exceeds the image {batch[0].shape[:2]}")
+        return np.stack(batch), np.asarray(sizes, np.int32)
+
+    # -- the pieces (for sweeps and mining) --------------------------------------------------
+
+    def proposals(self, images, class_names: Sequence[str], resized_hw=None) -> Proposals:
+        """The segmenter's proposals of one padded image (`[Q, ...]` arrays) or a batch (`[B, Q, ...]`)."""
+        batch, sizes = self._images(images, resized_hw)
+        seg_graph, seg_state = nnx.split(self.segmenter)
+        out = _proposals_jit(seg_graph, seg_state, jnp.asarray(batch, jnp.float32),
+                             self.text_bank(check_class_names(class_names)), jnp.asarray(sizes))
+        return Proposals(*(x[0] for x in out)) if np.ndim(images) == 3 else out
+
+    def classify_crops(self, images, mask_probs: jax.Array, class_names: Sequence[str],
+                       mask_threshold: float | None = None) -> tuple[jax.Array, jax.Array]:
+        """CLIP on the masked crops of `proposals(...).mask_probs` -> (`[(B,) Q, C+1]` logits with a
+        zero non-object column, `[(B,) Q]` valid)."""
+        batch, _ = self._images(images, None)
+        single = mask_probs.ndim == 3
+        clip_graph, clip_state = nnx.split(self.clip.model)
+        logits, valid = _crops_jit(clip_graph, clip_state, jnp.asarray(batch, jnp.float32),
+                                   mask_probs[None] if single else mask_probs,
+                                   self.text_bank(check_class_names(class_names)),
+                                   mask_threshold=self.mask_threshold if mask_threshold is None else mask_threshold,
+                                   mask_prompts=self.mask_prompts)
+        return (logits[0], valid[0]) if single else (logits, valid)
+
+    # -- predictions -------------------------------------------------------------------------
+
+    def _batch_scores(self, batch: np.ndarray, sizes: np.ndarray, names: list[str], num_named: int) -> jax.Array:
         seg_graph, seg_state = nnx.split(self.segmenter)
         clip_graph, clip_state = nnx.split(self.clip.model)
-        return _scores(seg_graph, seg_state, clip_graph, clip_state, image.astype(jnp.float32),
-                       self.clip.class_embeddings(class_names, self.templates), jnp.asarray(resized_hw, jnp.int32),
-                       mask_threshold=self.mask_threshold, ensemble_weight=self.ensemble_weight,
-                       mask_prompts=self.mask_prompts)
+        return _scores_jit(seg_graph, seg_state, clip_graph, clip_state, jnp.asarray(batch, jnp.float32),
+                           self.text_bank(names), jnp.asarray(sizes), mask_threshold=self.mask_threshold,
+                           ensemble_weight=self.ensemble_weight, mask_prompts=self.mask_prompts, mode=self.mode,
+                           num_named=num_named)
+
+    def scores(self, image, class_names: Sequence[str], resized_hw: tuple[int, int] | None = None) -> jax.Array:
+        """`[Hp, Wp, 3]` uint8 resized (+ padded) image -> `[Hp, Wp, C]` scores (0 outside `resized_hw`).
+        In demo mode with one class name, C = 2 (the name and "others")."""
+        names, num_named = self._names(class_names)
+        batch, sizes = self._images(image, resized_hw)
+        return self._batch_scores(batch, sizes, names, num_named)[0]
+
+    def predict_batch(self, images, class_names: Sequence[str], *, resized_hw=None,
+                      original_hw=None) -> list[Segmentation]:
+        """A batch of padded images of one shape `[B, Hp, Wp, 3]` (or a list), their resized sizes
+        (default: the whole padded image) and original sizes (default: the resized ones) -> one
+        `Segmentation` per image, at its original size. One device call for the whole batch."""
+        names, num_named = self._names(class_names)
+        batch, sizes = self._images(images, resized_hw)
+        original = sizes if original_hw is None else np.asarray([_check_hw(hw, "original_hw") for hw in original_hw],
+                                                                np.int32)
+        if len(original) != len(batch):
+            raise ValueError(f"{len(original)} original sizes for {len(batch)} images")
+        scores = self._batch_scores(batch, sizes, names, num_named)
+        labels, confidence = _batch_labels(scores, jnp.asarray(sizes), jnp.asarray(original),
+                                           out_hw=_output_bucket(original),
+                                           num_named=num_named if self.mode == "demo" else None)
+        labels, confidence = np.asarray(labels), np.asarray(confidence)
+        return [Segmentation(labels[i, :h, :w], confidence[i, :h, :w]) for i, (h, w) in enumerate(original)]
 
     def predict(self, image, class_names: Sequence[str], *, resized_hw: tuple[int, int] | None = None,
                 original_hw: tuple[int, int] | None = None) -> np.ndarray:
-        """-> `[H0, W0]` int32 class indices into `class_names` at the original resolution.
+        """-> `[H0, W0]` int32 class indices into `class_names` at the original resolution
+        (`UNLABELED` where demo mode labels nothing).
 
         `original_hw` defaults to `resized_hw`, or with `resize` set and no `resized_hw`, to the size
         of the image, which is then resized as reference 1.1 before the model sees it."""
+        return self.segment(image, class_names, resized_hw=resized_hw, original_hw=original_hw).labels
+
+    def segment(self, image, class_names: Sequence[str], *, resized_hw: tuple[int, int] | None = None,
+                original_hw: tuple[int, int] | None = None) -> Segmentation:
+        """`predict` with the winning score of each pixel."""
         if resized_hw is None and self.resize is not None:
             image = as_rgb_uint8(image)
             original_hw = image.shape[:2] if original_hw is None else original_hw
             image = resize_image(image, reference_resized_hw(*image.shape[:2], *self.resize))
-        resized_hw = None if resized_hw is None else _check_hw(resized_hw, "resized_hw")
-        original_hw = None if original_hw is None else _check_hw(original_hw, "original_hw")
-        scores = self.scores(image, class_names, resized_hw)
-        resized_hw = scores.shape[:2] if resized_hw is None else resized_hw
-        original_hw = resized_hw if original_hw is None else original_hw
-        return np.asarray(_labels(scores, jnp.asarray(resized_hw, jnp.int32), original_hw))
+        resized_hw = None if resized_hw is None else [resized_hw]
+        original_hw = resized_hw if original_hw is None else [original_hw]
+        return self.predict_batch([image], class_names, resized_hw=resized_hw, original_hw=original_hw)[0]

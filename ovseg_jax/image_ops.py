@@ -33,13 +33,14 @@ def _cubic_weights(t):
     return [far(t + 1), near(t), near(1 - t), far(2 - t)]
 
 
-def _window_matrix(xp, start, length, in_size: int, out_size: int, mode: str):
+def _window_matrix(xp, start, length, in_size: int, out_size: int, mode: str, out_length=None):
     """`[out_size, in_size]` matrix resizing the window `[start, start + length)` of an axis of
-    `in_size` to `out_size` samples (torch `interpolate(..., align_corners=False)` applied to the
-    cropped window). `xp` is numpy (static sizes) or jax.numpy (traced `start`/`length`)."""
+    `in_size` to `out_length` (default `out_size`) samples (torch `interpolate(...,
+    align_corners=False)` applied to the cropped window); rows from `out_length` to `out_size` are
+    padding. `xp` is numpy (static sizes) or jax.numpy (traced `start`/`length`/`out_length`)."""
     dtype = xp.float64 if xp is np else xp.float32
     length = xp.asarray(length, dtype)
-    scale = length / out_size
+    scale = length / xp.asarray(out_size if out_length is None else out_length, dtype)
     dst = xp.arange(out_size, dtype=dtype)
     if mode == "nearest":
         taps = [xp.minimum(xp.floor(dst * scale), length - 1)]
@@ -74,10 +75,11 @@ def interpolation_matrix(in_size: int, out_size: int, mode: str) -> np.ndarray:
 
 
 def window_interpolation_matrix(start: jax.Array, length: jax.Array, in_size: int, out_size: int,
-                                mode: str) -> jax.Array:
+                                mode: str, out_length: jax.Array | None = None) -> jax.Array:
     """Traced variant for crops of data-dependent size: `[out_size, in_size]` float32 matrix that
-    resizes the window `[start, start + length)` of an axis to `out_size` (jit-able, static shapes)."""
-    return _window_matrix(jnp, start, length, in_size, out_size, mode).astype(jnp.float32)
+    resizes the window `[start, start + length)` of an axis to `out_size` samples, or to a traced
+    `out_length <= out_size` samples followed by padding rows (jit-able, static shapes)."""
+    return _window_matrix(jnp, start, length, in_size, out_size, mode, out_length).astype(jnp.float32)
 
 
 def resize(x: jax.Array, out_hw: tuple[int, int], mode: str, axes: tuple[int, int] = (-3, -2)) -> jax.Array:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg_jax.evaluate import ConfusionMatrix
-from ovseg_jax.ensemble import predict_labels, semantic_scores
+from ovseg_jax.ensemble import Proposals, combine, demo_scores, mask_probabilities, predict_labels
 
 TOL = 1e-4
 Q, C = 7, 5
@@ -51,10 +52,60 @@ def test_semantic_scores_match_original(outputs, weight):
     ref = original_semantic_inference(torch.from_numpy(pred_logits), torch.from_numpy(mask_logits),
                                       torch.from_numpy(clip_logits) if use_clip else None,
                                       torch.from_numpy(valid), resized, weight or 0.0)
-    got = semantic_scores(jnp.asarray(pred_logits), jnp.asarray(mask_logits),
-                          jnp.asarray(clip_logits) if use_clip else None, jnp.asarray(valid),
-                          resized_hw=resized, ensemble_weight=weight or 0.0)
+    proposals = Proposals(jnp.asarray(pred_logits), mask_probabilities(jnp.asarray(mask_logits), (24, 36),
+                                                                       jnp.asarray(resized)))
+    got = combine(proposals, jnp.asarray(clip_logits) if use_clip else None, jnp.asarray(valid),
+                  ensemble_weight=weight)
+    np.testing.assert_allclose(got[:22, :33], ref.permute(1, 2, 0).numpy(), atol=TOL, rtol=TOL)
+    assert float(jnp.abs(got[22:]).max()) == 0.0 and float(jnp.abs(got[:, 33:]).max()) == 0.0
+
+
+def original_demo_inference(mask_pred, clip_cls, valid, threshold, num_named):
+    """`OVSegDEMO`'s CLIP-only semantic inference (reference 1.10) on the data-dependent valid subset:
+    each named class keeps its best valid proposal's probability row over its hard mask."""
+    mask_pred, probs = mask_pred[valid], F.softmax(clip_cls[valid][:, :-1], dim=-1)
+    select = torch.zeros_like(probs)
+    for c in range(num_named):
+        q = probs[:, c].argmax()
+        select[q] = probs[q]
+    return torch.einsum("qc,qhw->chw", select, (mask_pred > threshold).float())
+
+
+@pytest.mark.parametrize("num_named", [C, C - 1])
+def test_demo_scores_match_the_original_demo(outputs, num_named):
+    _, mask_logits, clip_logits, valid = outputs
+    probs = torch.sigmoid(F.interpolate(torch.from_numpy(mask_logits)[None], scale_factor=4, mode="bilinear",
+                                        align_corners=False)[0])
+    ref = original_demo_inference(probs, torch.from_numpy(clip_logits), torch.from_numpy(valid), 0.35, num_named)
+    class_probs = jnp.where(jnp.asarray(valid)[:, None], jax.nn.softmax(jnp.asarray(clip_logits)[:, :-1], -1), 0.0)
+    got = demo_scores(class_probs, jnp.asarray(probs.numpy()), jnp.asarray(valid), mask_threshold=0.35,
+                      num_named=num_named)
     np.testing.assert_allclose(got, ref.permute(1, 2, 0).numpy(), atol=TOL, rtol=TOL)
+    labels = predict_labels(got, (24, 36), num_named=num_named)
+    ref_labels = np.where(ref[0].numpy() == 0, -1, ref.argmax(0).numpy())  # the original's visualiser
+    ref_labels[ref_labels >= num_named] = -1  # "others" is not a user's class
+    np.testing.assert_array_equal(labels, ref_labels)
+
+
+def test_demo_mode_with_ensemble_weight_picks_among_valid_proposals(outputs):
+    """The original crashes for λ > 0 (issue #18). Here the demo keeps, per class, the valid
+    proposal with the highest ensemble probability (invalid ones keep p_mf^(1-λ) and are never picked)."""
+    pred_logits, mask_logits, clip_logits, valid = outputs
+    weight, threshold = 0.5, 0.35
+    probs = torch.sigmoid(F.interpolate(torch.from_numpy(mask_logits)[None], scale_factor=4, mode="bilinear",
+                                        align_corners=False)[0])
+    p_mf = F.softmax(torch.from_numpy(pred_logits), -1)[:, :-1][valid]
+    p_clip = F.softmax(torch.from_numpy(clip_logits)[:, :-1], -1)[valid]
+    ensembled = p_mf ** (1 - weight) * p_clip ** weight
+    select = torch.zeros_like(ensembled)
+    for c in range(C):
+        q = ensembled[:, c].argmax()
+        select[q] = ensembled[q]
+    ref = torch.einsum("qc,qhw->hwc", select, (probs[valid] > threshold).float())
+    proposals = Proposals(jnp.asarray(pred_logits), jnp.asarray(probs.numpy()))
+    got = combine(proposals, jnp.asarray(clip_logits), jnp.asarray(valid), ensemble_weight=weight, mode="demo",
+                  mask_threshold=threshold)
+    np.testing.assert_allclose(got, ref.numpy(), atol=TOL, rtol=TOL)
 
 
 def test_predict_labels_resizes_to_the_original_size(outputs):

@@ -20,7 +20,7 @@ from flax import nnx
 
 from ovseg_jax.data import registry, synthetic, transforms
 from ovseg_jax.evaluate import ConfusionMatrix
-from ovseg_jax.ensemble import semantic_scores
+from ovseg_jax.ensemble import Proposals, combine, mask_probabilities
 from ovseg_jax.losses.mask_losses import LossWeights
 from ovseg_jax.models.maskformer import Segmenter, normalize_images
 from ovseg_jax.tasks import segmenter as segmenter_task
@@ -79,8 +79,9 @@ def test_demo_segmenter_overfits_a_few_images(world):
     outputs = model(normalize_images(batch["image"]))
     confusion = ConfusionMatrix(len(source.class_names), source.ignore_value)
     for i, example in enumerate(examples):
-        scores = semantic_scores(outputs["pred_logits"][i], outputs["pred_masks"][i], None, None,
-                                 resized_hw=example["label"].shape, ensemble_weight=0.0)
+        hw = example["label"].shape
+        proposals = Proposals(outputs["pred_logits"][i], mask_probabilities(outputs["pred_masks"][i], hw, jnp.asarray(hw)))
+        scores = combine(proposals, None, None, ensemble_weight=None)
         confusion.update(np.asarray(jnp.argmax(scores, -1)), example["label"])
     assert confusion.metrics()["mIoU"] >= 90.0
 
@@ -89,10 +90,8 @@ def test_demo_clip_pretraining_separates_the_classes(world, tmp_path):
     """The demo's CLIP, pretrained on the web captions for 300 steps, names the object of held-out
     web pictures among all 25 class names (chance: 5%)."""
     from ovseg_jax import train
-    from ovseg_jax.clip import Clip
+    from ovseg_jax.clip import load
     from ovseg_jax.data.crops import resized_crop
-    from ovseg_jax.merge import clip_from_workdir
-    from ovseg_jax.text import Tokenizer
 
     web = synthetic.generate(tmp_path / "web_world", num_train=1, num_val=1, num_web=1500, image_size=64, seed=1)
     stage = _synthetic_config_module().get_config()["pretrain"]
@@ -103,14 +102,13 @@ def test_demo_clip_pretraining_separates_the_classes(world, tmp_path):
         del stage["eval"]
     assert train.run(stage, tmp_path / "pretrain") == "done"
 
-    model = clip_from_workdir(tmp_path / "pretrain")
-    clip = Clip(model, Tokenizer.from_dir(web / "tokenizer", context_length=model.config.context_length))
+    clip = load(tmp_path / "pretrain")  # with the run's tokenizer (web / "tokenizer")
     images, labels = [], []
     for index in range(10_000, 10_400):  # beyond the training pictures
         image, text = synthetic.render_web(np.random.default_rng([1, 2, index]), 64)
         named = [n for n in synthetic.CLASS_NAMES if f"a {n}" == text.split(" on ")[0]]
         if named:
-            images.append(resized_crop(image, None, np.random.default_rng(index), model.config.image_size)[0])
+            images.append(resized_crop(image, None, np.random.default_rng(index), clip.config.image_size)[0])
             labels.append(synthetic.CLASS_NAMES.index(named[0]))
     text = clip.class_embeddings(list(synthetic.CLASS_NAMES), ["a {}"])
     predicted = np.asarray(jnp.argmax(clip.encode_image(np.stack(images)) @ text.T, axis=-1))

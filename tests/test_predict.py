@@ -14,7 +14,7 @@ from tests import clip_fixtures as demo
 from ovseg_jax.masked_crops import masked_crops
 from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig, normalize_images
 from ovseg_jax.models.swin import SwinConfig
-from ovseg_jax.ensemble import Predictor
+from ovseg_jax.ensemble import UNLABELED, Predictor, combine
 from tests.test_ensemble import original_semantic_inference
 
 CLASSES = demo.CLASS_NAMES
@@ -66,3 +66,35 @@ def test_padding_beyond_the_resized_image_changes_nothing(predictor, image):
     assert float(jnp.abs(bucketed[40:]).max()) == 0.0
     np.testing.assert_array_equal(predictor.predict(padded, CLASSES, resized_hw=(40, 56), original_hw=(20, 28)),
                                   predictor.predict(image, CLASSES, original_hw=(20, 28)))
+
+
+def test_a_batch_equals_its_images_one_by_one(predictor, image):
+    """Two images of different resized sizes in one padded batch: one device call, same labels."""
+    other = np.random.RandomState(5).randint(0, 256, (33, 64, 3)).astype(np.uint8)
+    batch = np.zeros((2, 64, 64, 3), np.uint8)
+    batch[0, :40, :56], batch[1, :33, :64] = image, other
+    got = predictor.predict_batch(batch, CLASSES, resized_hw=[(40, 56), (33, 64)], original_hw=[(40, 56), (50, 97)])
+    np.testing.assert_array_equal(got[0].labels, predictor.predict(image, CLASSES))
+    np.testing.assert_array_equal(got[1].labels, predictor.predict(other, CLASSES, original_hw=(50, 97)))
+    assert got[1].confidence.shape == (50, 97) and (got[1].confidence > 0).all()
+
+
+def test_the_pieces_recombine_into_the_scores(predictor, image):
+    """`proposals` + `classify_crops` + `combine` (what sweeps and mining use) give `scores`."""
+    proposals = predictor.proposals(image, CLASSES)
+    clip_logits, valid = predictor.classify_crops(image, proposals.mask_probs, CLASSES)
+    got = combine(proposals, clip_logits, valid, ensemble_weight=0.7)
+    np.testing.assert_allclose(got, predictor.scores(image, CLASSES), atol=1e-5)
+
+
+def test_demo_mode_gives_a_single_class_the_competitor_others(predictor, image):
+    demo_mode = Predictor(predictor.segmenter, predictor.clip, mask_threshold=0.5, ensemble_weight=0.0, mode="demo")
+    assert demo_mode.scores(image, CLASSES[:1]).shape == (40, 56, 2)
+    labels = demo_mode.predict(image, CLASSES[:1])
+    assert set(np.unique(labels)) <= {UNLABELED, 0}
+    labels = demo_mode.predict(image, CLASSES)
+    assert set(np.unique(labels)) <= {UNLABELED, *range(len(CLASSES))}
+    with pytest.raises(ValueError, match="demo mode classifies with CLIP"):
+        Predictor(predictor.segmenter, predictor.clip, ensemble_weight=None, mode="demo")
+    with pytest.raises(ValueError, match="mode 'panoptic' unknown"):
+        Predictor(predictor.segmenter, predictor.clip, mode="panoptic")

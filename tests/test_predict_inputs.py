@@ -107,8 +107,8 @@ def test_resize_option_resizes_as_the_reference(predictor, image):
     resizing = Predictor(predictor.segmenter, predictor.clip, mask_threshold=0.5, ensemble_weight=0.7,
                          resize=(40, 2560))
     seen = []
-    model_input = resizing.scores
-    resizing.scores = lambda img, *args: seen.append(np.asarray(img)) or model_input(img, *args)
+    model_input = resizing.predict_batch
+    resizing.predict_batch = lambda imgs, *a, **k: seen.append(np.asarray(imgs[0])) or model_input(imgs, *a, **k)
     got = resizing.predict(raw, CLASSES)
     small = np.asarray(Image.fromarray(raw).resize((56, 40), Image.BILINEAR))
     assert len(seen) == 1
