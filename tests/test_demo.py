@@ -10,12 +10,10 @@ from PIL import Image
 
 import ovseg_jax.clip as oclip
 import ovseg_jax.segmenter as oseg
-from ovseg_jax import demo
-from ovseg_jax.tasks.segmenter import load_trained
 
 
-def test_quick_demo_trains_evaluates_and_exports(tmp_path):
-    result = demo.run(tmp_path, "quick")
+def test_quick_demo_trains_evaluates_and_exports(quick_demo):
+    tmp_path, result = quick_demo
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["evaluation"] == result["evaluation"]
     assert [r["clip"] for r in saved["evaluation"]] == [None, "pretrain", "clip_ft", "clip_mpt"]
@@ -38,7 +36,7 @@ def test_quick_demo_trains_evaluates_and_exports(tmp_path):
     # The merged OVSeg checkpoint holds the trained segmenter and the mask-prompted CLIP.
     clip = oclip.load(tmp_path / "ovseg_synthetic.pth")
     assert clip.config.mask_prompt_depth == 2
-    segmenter, config = oseg.load(tmp_path / "ovseg_synthetic.pth")
-    trained = load_trained(tmp_path / "train" / "segmenter")
+    segmenter = oseg.load(tmp_path / "ovseg_synthetic.pth")
+    trained = oseg.load(tmp_path / "train" / "segmenter")
     np.testing.assert_array_equal(segmenter.non_object_embedding[...], trained.non_object_embedding[...])
-    assert config == trained.config
+    assert segmenter.config == trained.config
