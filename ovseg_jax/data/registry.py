@@ -9,6 +9,11 @@ registration code (detectron2's list for ADE20K-150; its trailing space in "wind
 which the tokenizer drops anyway). Where the image folder may hold images without labels
 (COCO, shared VOC folders) the label folder lists the examples; ADE lists its images. Ensemble weights: 0.7 (config default; A-150, A-847),
 0.6 (PC-59, PC-459) and 0.45 (PAS-20), as in the README's evaluation commands.
+
+Names with a `tfds:` prefix read a TFDS catalog dataset prepared as ArrayRecord (`ovseg_jax.data.tfds`,
+extra `tfds`); their `make_source(root, split)` takes the TFDS data_dir as `root` (None or "": TFDS's
+default). `tfds:scene_parse150` carries ADE's instance annotations (100 thing classes, stuff ignored),
+not the A-150 semantic maps: its scores are not A-150 benchmark numbers (see that module).
 """
 
 from __future__ import annotations
@@ -89,6 +94,17 @@ def _synthetic_source(root: str | Path, split: str) -> SegmentationSource:
                               label_map=label_map, layout=layout)
 
 
+def _tfds_source(name: str):
+    """`make_source(data_dir, split)` for the TFDS dataset `name` (imports tensorflow-datasets when called)."""
+
+    def make(root: str | Path | None, split: str):
+        from ovseg_jax.data.tfds import TfdsSegmentationSource  # noqa: PLC0415  (optional dependency)
+
+        return TfdsSegmentationSource(name, split, data_dir=root or None)
+
+    return make
+
+
 _ADE150 = ("ADEChallengeData2016/images/{}", "ADEChallengeData2016/annotations_detectron2/{}")
 _ADE847 = ("ADE20K_2021_17_01/images_detectron2/{}", "ADE20K_2021_17_01/annotations_detectron2/{}")
 
@@ -122,6 +138,8 @@ _register("pascal_voc_20", 255, 0.45, _folder_source(
     "pascal_voc_20", 255, {"val": ("VOCdevkit/VOC2012/JPEGImages", "VOCdevkit/VOC2012/annotations_detectron2/val")},
     index_by="label"), ("val",))
 _register("synthetic", synthetic.IGNORE, 0.7, _synthetic_source, ("train", "val"), names=synthetic.CLASS_NAMES)
+_register("tfds:scene_parse150", 255, 0.7, _tfds_source("scene_parse150"), ("train", "val"),
+          names=class_names("ade20k_150"))
 
 
 def names() -> tuple[str, ...]:
