@@ -15,7 +15,7 @@ and writes the merged OVSeg checkpoint.
 
 import ml_collections
 
-from ovseg_jax import configs
+from ovseg_jax import ablate, configs
 from ovseg_jax.data import synthetic
 from ovseg_jax.models.clip import ClipConfig
 from ovseg_jax.models.maskformer import SegmenterConfig
@@ -45,7 +45,15 @@ def segmenter_config() -> SegmenterConfig:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Variants: "" (the demo, a few minutes on 2 CPU cores) and "quick" (a handful of steps per stage)."""
+    """Variants: "" (the demo, a few minutes on 2 CPU cores) and "quick" (a handful of steps per stage),
+    optionally followed by ",<plan>": the appendix's CLIP adaptation plans of `ovseg_jax.ablate`
+    (`ablate.PLAN_NAMES`: "mpt_ft", "joint", "vpt", "mpt_d1", "ft_mpt_d6", ...) in place of the
+    clip_ft -> clip_mpt stages, e.g. `configs/synthetic.py:mpt_ft` or `configs/synthetic.py:quick,joint`."""
+    arg, _, plan = (arg or "").partition(",")
+    if arg in ablate.PLAN_NAMES:
+        arg, plan = "", arg
+    if plan:
+        return ablate.with_plan(get_config(arg), plan)
     if (arg or "") not in VARIANTS:
         raise ValueError(f"configs/synthetic.py: unknown variant {arg!r}; expected one of {VARIANTS}")
     quick = arg == "quick"

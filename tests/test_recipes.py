@@ -224,7 +224,7 @@ def test_recipe_trains_two_steps_on_its_real_input_layout(inputs, runs, name):
 def test_recipe_rejects_an_unknown_variant(name):
     module = _recipe(name)
     module.get_config("")  # no variant is fine
-    with pytest.raises(ConfigError, match=rf"configs/{name}.py: unknown variant 'B/32'; valid variants: none"):
+    with pytest.raises(ConfigError, match=rf"configs/{name}.py: unknown variant 'B/32'; valid variants: "):
         module.get_config("B/32")
 
 

@@ -29,6 +29,7 @@ _FLAT_RENAMES = {
     "vision_model.embeddings.class_embedding": "visual.class_embedding",
     "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
     "vision_model.embeddings.mask_embedding": "visual.mask_embedding",  # ovseg_jax extension
+    "vision_model.embeddings.vpt_embedding": "visual.vpt_embedding",  # ovseg_jax extension (deep VPT)
     "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
     "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
     "vision_model.post_layernorm.weight": "visual.ln_post.weight",
@@ -150,6 +151,7 @@ def config_from_openai(state: Mapping[str, np.ndarray], source: str = "checkpoin
     text_width = state["ln_final.weight"].shape[0]
     vocab = state["token_embedding.weight"].shape[0]
     mask = state.get("visual.mask_embedding")
+    vpt = state.get("visual.vpt_embedding")  # [depth, tokens, width]
     return ClipConfig(
         embed_dim=state["text_projection"].shape[1],
         image_size=grid * patch, patch_size=patch, vision_width=width,
@@ -160,6 +162,7 @@ def config_from_openai(state: Mapping[str, np.ndarray], source: str = "checkpoin
         text_heads=max(text_width // 64, 1), text_mlp_dim=4 * text_width, eot_token_id=vocab - 1,
         mask_prompt_depth=0 if mask is None else mask.shape[0],
         mask_prompt_shared=mask is not None and mask.shape[1] == 1,
+        vpt_tokens=0 if vpt is None else vpt.shape[1], vpt_depth=0 if vpt is None else vpt.shape[0],
     )
 
 
@@ -182,6 +185,7 @@ def config_from_hf(cfg: Mapping, source: str = "config.json") -> ClipConfig:
             text_act=t.get("hidden_act", "quick_gelu"), eot_token_id=eot,
             mask_prompt_depth=cfg.get("ovseg_mask_prompt_depth", 0),
             mask_prompt_shared=cfg.get("ovseg_mask_prompt_shared", False),
+            vpt_tokens=cfg.get("ovseg_vpt_tokens", 0), vpt_depth=cfg.get("ovseg_vpt_depth", 0),
             layer_norm_eps=v.get("layer_norm_eps", 1e-5),
         )
     except (KeyError, TypeError, AttributeError) as e:
@@ -204,4 +208,5 @@ def hf_config_dict(cfg: ClipConfig) -> dict:
                          layer_norm_eps=cfg.layer_norm_eps, projection_dim=cfg.embed_dim),
         ovseg_mask_prompt_depth=cfg.mask_prompt_depth,
         ovseg_mask_prompt_shared=cfg.mask_prompt_shared,
+        ovseg_vpt_tokens=cfg.vpt_tokens, ovseg_vpt_depth=cfg.vpt_depth,
     )

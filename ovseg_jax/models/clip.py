@@ -8,6 +8,13 @@ For a region mask, a patch is foreground iff any pixel in it is on (ceil of the 
 Background patch tokens are replaced by `mask_embedding[0]` before the class token and the
 positional embedding are added, and by `mask_embedding[i + 1]` after block `i` for
 `i + 1 < depth`. The class token is never replaced and no positional embedding is re-added.
+
+Deep visual prompt tuning (VPT-deep, Jia et al. 2022; the appendix's Table 4 baseline):
+`visual.vpt_embedding [vpt_depth, vpt_tokens, width]`. At the input of block `i < vpt_depth`,
+`vpt_tokens` learned tokens sit right after the class token (inserted at block 0, after `ln_pre`;
+replaced by `vpt_embedding[i]` at each later one; no positional embedding, no mask semantics).
+Blocks past `vpt_depth` carry the last prompts' outputs along. Mask prompts, if any, act on the
+patch tokens behind them.
 """
 
 from __future__ import annotations
@@ -47,6 +54,10 @@ class ClipConfig:
     # Mask prompt tuning: depth 0 = off; shared = one token per depth ([d, 1, w]).
     mask_prompt_depth: int = 0
     mask_prompt_shared: bool = False
+    # Deep visual prompt tuning: `vpt_tokens` learned tokens at the input of the first `vpt_depth`
+    # blocks (both 0 = off).
+    vpt_tokens: int = 0
+    vpt_depth: int = 0
     layer_norm_eps: float = LN_EPS
 
     @property
@@ -73,6 +84,12 @@ class ClipConfig:
         if self.mask_prompt_depth < 0 or self.mask_prompt_depth > self.vision_layers:
             raise ValueError(f"mask_prompt_depth must be in [0, {self.vision_layers}] "
                              f"(vision layers); got {self.mask_prompt_depth}")
+        if self.vpt_tokens < 0 or not 0 <= self.vpt_depth <= self.vision_layers:
+            raise ValueError(f"vpt_tokens must be >= 0 and vpt_depth in [0, {self.vision_layers}] (vision layers); "
+                             f"got vpt_tokens={self.vpt_tokens}, vpt_depth={self.vpt_depth}")
+        if (self.vpt_tokens > 0) != (self.vpt_depth > 0):
+            raise ValueError(f"vpt_tokens={self.vpt_tokens} and vpt_depth={self.vpt_depth}: "
+                             "both are 0 (no visual prompts) or both positive")
         for name, width, heads in (("vision", self.vision_width, self.vision_heads),
                                    ("text", self.text_width, self.text_heads)):
             if width % heads:
@@ -153,6 +170,12 @@ class VisionTransformer(nnx.Module):
             # N(0, 0.02) as the original's training init; checkpoints overwrite it.
             self.mask_embedding = nnx.Param(
                 0.02 * jax.random.normal(rngs.params(), (cfg.mask_prompt_depth, tokens, w)))
+        self.vpt_tokens, self.vpt_depth = cfg.vpt_tokens, cfg.vpt_depth
+        if cfg.vpt_tokens:
+            # VPT's init: uniform(+-sqrt(6 / (3 * patch^2 + width))), Xavier over the patch embedding.
+            bound = (6.0 / (3 * p * p + w)) ** 0.5
+            self.vpt_embedding = nnx.Param(jax.random.uniform(
+                rngs.params(), (cfg.vpt_depth, cfg.vpt_tokens, w), minval=-bound, maxval=bound))
 
     def positions(self, grid_hw: tuple[int, int]) -> jax.Array:
         """Positional embedding `[1 + gh * gw, W]` for a patch grid, interpolated if needed."""
@@ -179,10 +202,14 @@ class VisionTransformer(nnx.Module):
         cls = jnp.broadcast_to(self.class_embedding[...].astype(dtype), (n, 1, w))
         x = jnp.concatenate([cls, x], axis=1) + self.positions((gh, gw)).astype(dtype)
         x = self.ln_pre(x)
+        v = self.vpt_tokens  # the patch tokens start at 1 + v once the visual prompts are in
         for i, block in enumerate(self.transformer.resblocks):
+            if i < self.vpt_depth:
+                deep = jnp.broadcast_to(self.vpt_embedding[i].astype(dtype), (n, v, w))
+                x = jnp.concatenate([x[:, :1], deep, x[:, 1 if i == 0 else 1 + v:]], axis=1)
             x = block(x)
             if prompted and i + 1 < self.mask_prompt_depth:
-                x = jnp.concatenate([x[:, :1], jnp.where(fg, x[:, 1:], prompts[i + 1])], axis=1)
+                x = jnp.concatenate([x[:, :1 + v], jnp.where(fg, x[:, 1 + v:], prompts[i + 1])], axis=1)
         x = self.ln_post(x[:, 0])
         return x @ self.proj[...].astype(dtype)
 

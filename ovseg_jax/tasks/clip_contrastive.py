@@ -4,9 +4,11 @@ full fine-tuning on masked crops, and mask prompt tuning. The stages differ only
 - `config.model.clip`: `ClipConfig` fields (mask prompts on when `mask_prompt_depth > 0`).
 - `config.init_from`: "" (random init), a trainer workdir of a previous stage, or any CLIP
   checkpoint `ovseg_jax.clip.load` reads (OpenAI/open_clip/transformers/OVSeg). A missing
-  `visual.mask_embedding` is initialised N(0, 0.02), as mask prompt tuning starts.
+  `visual.mask_embedding` is initialised N(0, 0.02), as mask prompt tuning starts; a missing
+  `visual.vpt_embedding` (deep visual prompts, `vpt_tokens > 0`) keeps VPT's uniform init.
 - `config.optim.freeze` / `trainable`: e.g. the text tower for fine-tuning, everything but
-  `visual/mask_embedding` for mask prompt tuning.
+  `visual/mask_embedding` for mask prompt tuning. The appendix's variants (MPT then FT, both at
+  once, VPT, other prompt depths) are built from these two by `ovseg_jax.ablate`.
 
 Batches: `{"image": float32 [B, S, S, 3] CLIP-normalised, "token_ids": int32 [B, L],
 "region_mask": float32 [B, S, S] 0/1 (used only when the model has mask prompts)}`.
@@ -81,14 +83,20 @@ def build_model(config, *, dtype, rngs: nnx.Rngs) -> CLIP:
     if not init:
         return CLIP(cfg, dtype=dtype, rngs=rngs)
     check_inputs(config)
+    allow = (("^visual/mask_embedding$",) if cfg.mask_prompt_depth else ()) + \
+        (("^visual/vpt_embedding$",) if cfg.vpt_tokens else ())
     if checkpoint.is_checkpoint_dir(init):
         model = CLIP(cfg, dtype=dtype, rngs=rngs)
-        allow = ("^visual/mask_embedding$",) if cfg.mask_prompt_depth else ()
         checkpoint.assign_params(model, checkpoint.load_params(init), source=init, allow_missing=allow)
         return model
     from ovseg_jax.clip import load  # noqa: PLC0415  (imports transformers' tokenizer code)
 
     model = load(init, mask_prompt_depth=cfg.mask_prompt_depth, dtype=dtype).model
+    if cfg.vpt_tokens and not model.config.vpt_tokens:  # fresh visual prompts on a plain CLIP file
+        base, model = model, CLIP(cfg, dtype=dtype, rngs=rngs)
+        _, params, _ = nnx.split(base, nnx.Param, ...)
+        flat = checkpoint.FlatTree(params).flatten(params)
+        checkpoint.assign_params(model, flat, source=init, allow_missing=allow)
     if model.config != cfg:
         diff = {f.name: (getattr(model.config, f.name), getattr(cfg, f.name))
                 for f in dataclasses.fields(cfg) if getattr(model.config, f.name) != getattr(cfg, f.name)}
