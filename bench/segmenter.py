@@ -48,7 +48,7 @@ def main() -> None:
     torch_model = MaskFormerForInstanceSegmentation(config).eval()
     with tempfile.TemporaryDirectory() as tmp:
         torch_model.save_pretrained(tmp)
-        segmenter, _ = load(tmp, clip_dim=768, dtype=getattr(jnp, args.dtype))
+        segmenter = load(tmp, clip_dim=768, dtype=getattr(jnp, args.dtype))
 
     rs = np.random.RandomState(0)
     images = rs.randn(args.batch, args.size, args.size, 3).astype(np.float32)

@@ -5,6 +5,10 @@
 - `data`: the data iterator's `get_state()` (JSON), when the iterator has one.
 - `config`: the run's config as JSON.
 
+`stage_config` + `restore_params` are the one way from a workdir to a model: the public loaders
+(`ovseg_jax.clip.load`, `ovseg_jax.segmenter.load`) build the model from the saved config and
+copy the saved parameters into it.
+
 Saves are asynchronous (`wait()` blocks) and atomic: orbax writes into a temporary directory and
 renames it when complete, so a process killed during a save leaves the previous checkpoint as the
 latest loadable one; unfinished temporaries are removed on the next start.
@@ -20,6 +24,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from ovseg_jax.convert.torch_io import CheckpointError
 
 
 _ITEMS = ("params", "train", "data", "config")
@@ -164,3 +170,26 @@ def load_config(path: str | Path, step: int | None = None) -> dict:
     step_dir = _step_dir(path, step)
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
         return dict(ckptr.restore(step_dir / "config"))
+
+
+def stage_config(path: str | Path, tasks: str | Sequence[str], step: int | None = None) -> dict:
+    """The saved config of a trainer workdir (paths as in `load_params`), checked to be a run of
+    one of `tasks` ("clip", "segmenter"); a run of another task is a `CheckpointError`."""
+    tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+    config = load_config(path, step)
+    if config.get("task") not in tasks:
+        raise CheckpointError(f"{path}: a trainer workdir of a {config.get('task')!r} run; expected a "
+                              f"{' or '.join(repr(t) for t in tasks)} stage")
+    return config
+
+
+def restore_params(model: nnx.Module, path: str | Path, *, step: int | None = None, prefix: str = "",
+                   drop: Sequence[str] = (), allow_missing: Sequence[str] = ()) -> None:
+    """Copy a trainer checkpoint's parameters into `model` in place (see `assign_params`): saved
+    paths lose `prefix` (e.g. "segmenter/" of the segmenter stage's wrapper); paths in `drop` are
+    left out; a saved path outside `prefix` is an unexpected parameter."""
+    step_dir = _step_dir(path, step)
+    params = {k.removeprefix(prefix): v for k, v in load_params(step_dir).items()}
+    params = {k: v for k, v in params.items() if k not in drop}
+    assign_params(model, params, source=f"{path} (trainer checkpoint, step {step_dir.name})",
+                  allow_missing=allow_missing)

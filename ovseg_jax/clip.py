@@ -8,8 +8,10 @@
 Accepted checkpoints (`load(path)`): a transformers CLIP directory (config.json + model.safetensors
 or pytorch_model.bin), an OpenAI / open_clip state-dict file (.pt/.pth/.bin/.safetensors, fp16 or
 fp32, TorchScript archives read without running their code), an OVSeg checkpoint (`model` dict
-with `clip_adapter.clip_model.*` keys, incl. `visual.mask_embedding`), and an open_clip training
-checkpoint (`state_dict` with `module.` prefixes).
+with `clip_adapter.clip_model.*` keys, incl. `visual.mask_embedding`), an open_clip training
+checkpoint (`state_dict` with `module.` prefixes), and training workdirs (`python -m
+ovseg_jax.train`): a CLIP stage's (its CLIP, with the tokenizer the run used) or a segmenter
+stage's (the frozen CLIP that embedded its class names: `config.model.clip_init`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ovseg_jax import checkpoint
 from ovseg_jax.convert import clip_keys
 from ovseg_jax.convert.params import nnx_to_torch, torch_to_nnx
 from ovseg_jax.convert.torch_io import (SIDECAR_SUFFIX, CheckpointError, check_sidecar_fields, read_json,
@@ -116,6 +119,8 @@ class Clip:
         Names are stripped of surrounding whitespace and cached per (name, templates)."""
         temps = resolve_templates(templates)
         names = [n.strip() for n in names]
+        if not names:
+            raise ValueError("class_embeddings needs at least one class name; got an empty list")
         todo = list(dict.fromkeys(n for n in names if (n, temps) not in self._class_cache))
         if todo:
             feats = self.encode_text([t.format(n) for n in todo for t in temps])
@@ -184,42 +189,29 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], ClipConfig, str
     return state, config, layout
 
 
-def load(path: str | os.PathLike, mask_prompt_depth: int | None = None,
-         tokenizer: str | os.PathLike | Tokenizer | None = None, *, dtype=jnp.float32) -> Clip:
-    """Load a CLIP checkpoint (see the module docstring for accepted layouts).
+def _prompt_depth(config: ClipConfig, has_prompts: bool, requested: int | None,
+                  source: Path) -> tuple[ClipConfig, bool, bool]:
+    """`config` with the requested mask prompt depth -> (config, drop the checkpoint's prompts,
+    initialise fresh prompts); see `load`."""
+    if requested is None or requested == config.mask_prompt_depth:
+        return config, False, False
+    if requested == 0:
+        return config.replace(mask_prompt_depth=0, mask_prompt_shared=False), True, False
+    if has_prompts:
+        raise CheckpointError(f"{source}: checkpoint has mask prompts of depth {config.mask_prompt_depth}, "
+                              f"but mask_prompt_depth={requested} was requested")
+    log.info("%s: no mask prompts in the checkpoint; initialised depth %d with N(0, 0.02)", source, requested)
+    return config.replace(mask_prompt_depth=requested), False, True
 
-    mask_prompt_depth: None infers it from `visual.mask_embedding` (0 when absent); 0 drops the
-        checkpoint's mask prompts (plain CLIP forward); a positive depth for a checkpoint without
-        mask prompts adds fresh ones initialised N(0, 0.02), as mask prompt tuning starts.
-    tokenizer: a Tokenizer, a tokenizer directory or OpenAI's `bpe_simple_vocab_16e6.txt.gz`;
-        by default the tokenizer files of a transformers directory, if any.
-    dtype: compute dtype (float32 or bfloat16); parameters stay float32.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    state, config, layout = _read_checkpoint(path)
-    ignore_missing: tuple[str, ...] = ()
-    has_prompts = "visual.mask_embedding" in state
-    if mask_prompt_depth is not None and mask_prompt_depth != config.mask_prompt_depth:
-        if mask_prompt_depth == 0:
-            state.pop("visual.mask_embedding", None)
-            config = config.replace(mask_prompt_depth=0, mask_prompt_shared=False)
-        elif has_prompts:
-            raise CheckpointError(f"{path}: checkpoint has mask prompts of depth {config.mask_prompt_depth}, "
-                                  f"but mask_prompt_depth={mask_prompt_depth} was requested")
-        else:
-            config = config.replace(mask_prompt_depth=mask_prompt_depth)
-            ignore_missing = ("visual.mask_embedding",)
-            log.info("%s: no mask prompts in the checkpoint; initialised depth %d with N(0, 0.02)",
-                     path, mask_prompt_depth)
-    model = CLIP(config, dtype=dtype, rngs=nnx.Rngs(0))
-    torch_to_nnx(state, model, source=f"{path} ({layout} layout)", ignore_missing=ignore_missing)
-    tok = None
+
+def _with_tokenizer(model: CLIP, tokenizer, default_dir: Path | None) -> Clip:
+    """`Clip(model, tokenizer)`: `tokenizer` (a spec for `Tokenizer.load`), else the tokenizer files
+    in `default_dir` if any; checked against the model's vocabulary and end-of-text id."""
+    config, tok = model.config, None
     if tokenizer is not None:
         tok = Tokenizer.load(tokenizer, context_length=config.context_length)
-    elif path.is_dir() and any((path / f).is_file() for f in ("vocab.json", "tokenizer.json")):
-        tok = Tokenizer.from_dir(path, context_length=config.context_length)
+    elif default_dir is not None and any((default_dir / f).is_file() for f in ("vocab.json", "tokenizer.json")):
+        tok = Tokenizer.from_dir(default_dir, context_length=config.context_length)
     if tok is not None and tok.vocab_size > config.vocab_size:
         raise CheckpointError(f"tokenizer has {tok.vocab_size} tokens but the model's embedding has "
                               f"{config.vocab_size} rows")
@@ -227,6 +219,72 @@ def load(path: str | os.PathLike, mask_prompt_depth: int | None = None,
         raise CheckpointError(f"tokenizer's end-of-text id {tok.eot_token_id} differs from the model's "
                               f"{config.eot_token_id} (used for pooling)")
     return Clip(model, tok)
+
+
+def _run_tokenizer(saved: dict, path: Path) -> str | None:
+    """The tokenizer a CLIP-stage run used (`config.data.tokenizer`, or a transformers `init_from`
+    with tokenizer files; see tasks/clip_contrastive.tokenizer_path), None if it had none."""
+    import ml_collections  # noqa: PLC0415
+
+    from ovseg_jax.tasks.clip_contrastive import tokenizer_path  # noqa: PLC0415
+
+    if not isinstance(saved.get("data"), dict):
+        return None
+    spec = tokenizer_path(ml_collections.ConfigDict(saved))
+    if spec and not Path(spec).exists():
+        raise FileNotFoundError(f"{path}: the run's tokenizer {spec!r} (config.data.tokenizer, relative to where "
+                                "it was trained) is not there; pass tokenizer= (a tokenizer directory or "
+                                "OpenAI's bpe_simple_vocab_16e6.txt.gz)")
+    return spec or None
+
+
+def _load_workdir(path: Path, mask_prompt_depth: int | None, tokenizer, step: int | None, dtype) -> Clip:
+    saved = checkpoint.stage_config(path, ("clip", "segmenter"), step)
+    if saved["task"] == "segmenter":  # the frozen CLIP that embedded the class names
+        m = saved["model"]
+        if not Path(m["clip_init"]).exists():
+            raise CheckpointError(f"{path}: the run's frozen CLIP config.model.clip_init={m['clip_init']!r} "
+                                  "(relative to where it was trained) is not there")
+        run_tokenizer = m.get("tokenizer") or None
+        return load(m["clip_init"], mask_prompt_depth, tokenizer if tokenizer is not None else run_tokenizer,
+                    dtype=dtype)
+    config = ClipConfig(**saved["model"]["clip"])
+    config, drop, fresh = _prompt_depth(config, config.mask_prompt_depth > 0, mask_prompt_depth, path)
+    model = CLIP(config, dtype=dtype, rngs=nnx.Rngs(0))
+    checkpoint.restore_params(model, path, step=step, drop=("visual/mask_embedding",) if drop else (),
+                              allow_missing=("^visual/mask_embedding$",) if fresh else ())
+    return _with_tokenizer(model, tokenizer if tokenizer is not None else _run_tokenizer(saved, path), None)
+
+
+def load(path: str | os.PathLike, mask_prompt_depth: int | None = None,
+         tokenizer: str | os.PathLike | Tokenizer | None = None, *, step: int | None = None,
+         dtype=jnp.float32) -> Clip:
+    """Load a CLIP checkpoint or training workdir (see the module docstring for accepted layouts).
+
+    mask_prompt_depth: None infers it from `visual.mask_embedding` (0 when absent); 0 drops the
+        checkpoint's mask prompts (plain CLIP forward); a positive depth for a checkpoint without
+        mask prompts adds fresh ones initialised N(0, 0.02), as mask prompt tuning starts.
+    tokenizer: a Tokenizer, a tokenizer directory or OpenAI's `bpe_simple_vocab_16e6.txt.gz`;
+        by default the tokenizer files of a transformers directory, or the tokenizer a training
+        run used (`config.data.tokenizer`; a segmenter run's `config.model.tokenizer`), if any.
+    step: which checkpoint of a training workdir (default the latest); only for workdirs.
+    dtype: compute dtype (float32 or bfloat16); parameters stay float32.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if checkpoint.is_checkpoint_dir(path):
+        return _load_workdir(path, mask_prompt_depth, tokenizer, step, dtype)
+    if step is not None:
+        raise ValueError(f"{path}: step={step} is only for training workdirs (<workdir>/checkpoints/<step>)")
+    state, config, layout = _read_checkpoint(path)
+    config, drop, fresh = _prompt_depth(config, "visual.mask_embedding" in state, mask_prompt_depth, path)
+    if drop:
+        state.pop("visual.mask_embedding", None)
+    model = CLIP(config, dtype=dtype, rngs=nnx.Rngs(0))
+    torch_to_nnx(state, model, source=f"{path} ({layout} layout)",
+                 ignore_missing=("visual.mask_embedding",) if fresh else ())
+    return _with_tokenizer(model, tokenizer, path if path.is_dir() else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,16 +84,6 @@ def train_stages(config, train_dir: Path) -> dict[str, dict]:
     return timings
 
 
-def _clip(train_dir: Path, stage: str, config):
-    from ovseg_jax.clip import Clip  # noqa: PLC0415
-    from ovseg_jax.merge import clip_from_workdir  # noqa: PLC0415
-    from ovseg_jax.text import Tokenizer  # noqa: PLC0415
-
-    model = clip_from_workdir(train_dir / stage)
-    return Clip(model, Tokenizer.from_dir(Path(config.eval.root) / "tokenizer",
-                                          context_length=model.config.context_length))
-
-
 def evaluate_clip(segmenter, clip, config, *, ensemble: bool = True, crops=None) -> tuple[dict, object, object]:
     """One row of the table: mIoU all / seen / unseen (and pACC) on `config.eval` of `segmenter`
     ensembled with `clip` (reference 1.7; `ensemble=False`: the segmenter alone, `clip` only embeds
@@ -124,13 +114,14 @@ def evaluate_clip(segmenter, clip, config, *, ensemble: bool = True, crops=None)
 
 def evaluate(train_dir: Path, config) -> tuple[list[dict], object]:
     """The paper-style table on the val split -> (rows, the predictor of the last row)."""
-    from ovseg_jax.tasks.segmenter import load_trained  # noqa: PLC0415
+    import ovseg_jax.clip  # noqa: PLC0415
+    import ovseg_jax.segmenter  # noqa: PLC0415
 
-    segmenter = load_trained(train_dir / "segmenter")
+    segmenter = ovseg_jax.segmenter.load(train_dir / "segmenter")
     rows, predictor, crops = [], None, None
     for label, stage, ensemble in ROWS:
         t0 = time.perf_counter()
-        clip = _clip(train_dir, stage, config)
+        clip = ovseg_jax.clip.load(train_dir / stage)  # with the tokenizer the stage trained with
         m, predictor, crops = evaluate_clip(segmenter, clip, config, ensemble=ensemble, crops=crops)
         rows.append({"setting": label, "clip": stage if ensemble else None, **m,
                      "seconds": round(time.perf_counter() - t0, 1)})
@@ -170,10 +161,8 @@ def draw_unseen_example(predictor, config, path: Path) -> Path:
 
 
 def run(out: Path, variant: str | None = None) -> dict:
-    from ovseg_jax import segmenter as segmenter_api  # noqa: PLC0415
+    from ovseg_jax import clip as clip_api, segmenter as segmenter_api  # noqa: PLC0415
     from ovseg_jax.compilation import enable_cache  # noqa: PLC0415
-    from ovseg_jax.merge import clip_from_workdir  # noqa: PLC0415
-    from ovseg_jax.tasks.segmenter import load_trained  # noqa: PLC0415
 
     out.mkdir(parents=True, exist_ok=True)
     enable_cache(out / "jax_cache")
@@ -184,8 +173,8 @@ def run(out: Path, variant: str | None = None) -> dict:
     train_seconds = time.perf_counter() - t0
     rows, predictor = evaluate(out / "train", config)
     picture = draw_unseen_example(predictor, config, out / "unseen_example.png")
-    checkpoint = segmenter_api.export(load_trained(out / "train" / "segmenter"), out / "ovseg_synthetic.pth",
-                                      clip=clip_from_workdir(out / "train" / "clip_mpt"))
+    checkpoint = segmenter_api.export(segmenter_api.load(out / "train" / "segmenter"), out / "ovseg_synthetic.pth",
+                                      clip=clip_api.load(out / "train" / "clip_mpt"))
     result = {"variant": variant or "default", "train_seconds": round(train_seconds, 1), "stages": stages,
               "total_seconds": round(time.perf_counter() - t0, 1), "evaluation": rows,
               "checkpoint": str(checkpoint), "picture": str(picture)}

@@ -3,10 +3,12 @@
 
     python -m ovseg_jax.merge --segmenter model_final.pth --clip runs/vitl_mpt --out ovseg_ft_mpt.pth
 
-`--clip` is a trainer workdir of a CLIP stage (its latest checkpoint) or any CLIP checkpoint
-`ovseg_jax.clip.load` reads. Every CLIP key `k` present as `clip_adapter.clip_model.k` in the
-segmenter's `model` dict is overwritten; `visual.mask_embedding` is added when the CLIP has mask
-prompts (then evaluate with mask prompts on). The output is `{"model": {...}}` for torch.
+`--segmenter` is an OVSeg checkpoint or a segmenter-stage training workdir (its latest checkpoint,
+written out in the OVSeg layout with the frozen CLIP it was trained with); `--clip` is a CLIP-stage
+workdir or any checkpoint `ovseg_jax.clip.load` reads. Every CLIP key `k` present as
+`clip_adapter.clip_model.k` in the segmenter's `model` dict is overwritten; `visual.mask_embedding`
+is added when the CLIP has mask prompts (then evaluate with mask prompts on). The output is
+`{"model": {...}}` for torch.
 """
 
 from __future__ import annotations
@@ -14,34 +16,36 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
-from flax import nnx
 
 from ovseg_jax import checkpoint
 from ovseg_jax.convert.torch_io import CheckpointError, read_state_dict, write_torch_file
-from ovseg_jax.models.clip import CLIP, ClipConfig
+from ovseg_jax.export import exit_on_error
 
 log = logging.getLogger(__name__)
 
 PREFIX = "model.clip_adapter.clip_model."
 
 
-def clip_from_workdir(workdir: str | Path) -> CLIP:
-    """The CLIP of a trainer workdir's latest checkpoint (architecture from its saved config)."""
-    config = checkpoint.load_config(workdir)
-    if config.get("task") != "clip":
-        raise CheckpointError(f"{workdir}: a {config.get('task')!r} run, not a CLIP stage")
-    model = CLIP(ClipConfig(**config["model"]["clip"]), rngs=nnx.Rngs(0))
-    checkpoint.assign_params(model, checkpoint.load_params(workdir), source=str(workdir))
-    return model
+def _segmenter_state(path: str | Path) -> dict[str, np.ndarray]:
+    """`{"model.<OVSeg key>": array}` of an OVSeg checkpoint file or a segmenter-stage workdir."""
+    if not checkpoint.is_checkpoint_dir(path):
+        return read_state_dict(path)
+    import ovseg_jax.clip  # noqa: PLC0415
+    import ovseg_jax.segmenter  # noqa: PLC0415
+
+    state = ovseg_jax.segmenter.ovseg_state_dict(ovseg_jax.segmenter.load(path), ovseg_jax.clip.load(path))
+    return {f"model.{k}": v for k, v in state.items()}
 
 
-def merge(segmenter_path: str | Path, clip: CLIP, out_path: str | Path) -> Path:
-    """Write `segmenter_path`'s parameters with the CLIP ones replaced by `clip`'s -> `out_path`."""
+def merge(segmenter_path: str | Path, clip, out_path: str | Path) -> Path:
+    """Write `segmenter_path`'s parameters (an OVSeg checkpoint or a segmenter workdir) with the CLIP
+    ones replaced by `clip`'s (an `ovseg_jax.clip.Clip` or `CLIP`) -> `out_path`."""
     from ovseg_jax.clip import openai_state_dict  # noqa: PLC0415
 
-    state = read_state_dict(segmenter_path)
+    state = _segmenter_state(segmenter_path)
     if not any(k.startswith(PREFIX) for k in state):
         raise CheckpointError(f"{segmenter_path}: no {PREFIX}* keys; expected an OVSeg segmenter checkpoint")
     replaced = 0
@@ -62,20 +66,17 @@ def merge(segmenter_path: str | Path, clip: CLIP, out_path: str | Path) -> Path:
     return Path(out_path)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--segmenter", required=True, help="trained OVSeg segmenter .pth")
+    parser.add_argument("--segmenter", required=True, help="trained OVSeg segmenter .pth or segmenter workdir")
     parser.add_argument("--clip", required=True, help="CLIP stage workdir or CLIP checkpoint")
     parser.add_argument("--out", required=True, help="output .pth")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    if checkpoint.is_checkpoint_dir(args.clip):
-        clip = clip_from_workdir(args.clip)
-    else:
+    with exit_on_error():
         from ovseg_jax.clip import load  # noqa: PLC0415
 
-        clip = load(args.clip).model
-    print(merge(args.segmenter, clip, args.out))
+        print(merge(args.segmenter, load(args.clip), args.out))
 
 
 if __name__ == "__main__":

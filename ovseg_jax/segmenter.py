@@ -1,10 +1,13 @@
 """Public segmenter API: build the MaskFormer segmenter from checkpoints users have, export it back.
 
-    segmenter, config = ovseg_jax.segmenter.load("ovseg_swinbase_vitL14_ft_mpt.pth")
+    segmenter = ovseg_jax.segmenter.load("ovseg_swinbase_vitL14_ft_mpt.pth")   # or a training workdir
     out = segmenter(normalize_images(images), text_bank)    # see models/maskformer.Segmenter
+    segmenter.config                                        # its SegmenterConfig
     ovseg_jax.segmenter.export(segmenter, "segmenter.pth", clip=clip)
 
 Accepted by `load(path)`:
+- a segmenter-stage training workdir (`python -m ovseg_jax.train`; its latest checkpoint, or
+  `step=`), the architecture from its saved config. Its frozen CLIP: `ovseg_jax.clip.load(workdir)`.
 - an OVSeg checkpoint (reference 6.1): `.pth`/`.pkl`/`.safetensors` with `backbone.*`,
   `sem_seg_head.*` and `clip_adapter.non_object_embedding` (detectron2's `{"model": ...}` wrapper
   or flat). Its CLIP (`clip_adapter.clip_model.*`) is ignored here: load it with `ovseg_jax.clip.load`.
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ovseg_jax import checkpoint
 from ovseg_jax.convert import backbone_keys, segmenter_keys as keys
 from ovseg_jax.convert.params import nnx_to_torch, torch_to_nnx
 from ovseg_jax.convert.torch_io import (SIDECAR_SUFFIX, CheckpointError, check_sidecar_fields, read_json,
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 __all__ = ["load", "export", "CheckpointError"]
 
 CLIP_PREFIX = "clip_adapter.clip_model."
+WORKDIR_PREFIX = "segmenter/"  # parameter paths of the segmenter stage (tasks/segmenter.py's wrapper)
 
 
 def _strip_model_wrapper(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -89,7 +94,7 @@ def _ovseg_config(head: dict, backbone: dict, source: str) -> SegmenterConfig:
                            **keys.head_config_from_state(head, source))
 
 
-def _load_ovseg(state: dict, path: Path, config: SegmenterConfig | None, dtype):
+def _load_ovseg(state: dict, path: Path, config: SegmenterConfig | None, dtype) -> Segmenter:
     head, backbone, other = keys.split_ovseg(state)
     unexpected = [k for k in other if not k.startswith(keys.OVSEG_OTHER_PREFIXES)]
     if unexpected:
@@ -100,7 +105,7 @@ def _load_ovseg(state: dict, path: Path, config: SegmenterConfig | None, dtype):
     converted = _backbone_to_ours(config.backbone, backbone)
     torch_to_nnx({**{"backbone." + k: v for k, v in converted.items()}, **head}, model,
                  source=f"{path} (OVSeg layout)")
-    return model, config
+    return model
 
 
 def _backbone_to_ours(kind: str, state: dict) -> dict:
@@ -124,7 +129,7 @@ def _read_hf_weights(directory: Path) -> dict[str, np.ndarray]:
                           "model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def _load_hf(directory: Path, config: SegmenterConfig | None, clip_dim: int, dtype):
+def _load_hf(directory: Path, config: SegmenterConfig | None, clip_dim: int, dtype) -> Segmenter:
     cfg_file = directory / "config.json"
     hf = read_json(cfg_file)
     if hf.get("model_type") != "maskformer":
@@ -143,7 +148,7 @@ def _load_hf(directory: Path, config: SegmenterConfig | None, clip_dim: int, dty
                  ignore_missing=("class_embed.", "non_object_embedding"))
     log.info("%s: closed-vocabulary class_predictor dropped; class_embed and non_object_embedding "
              "freshly initialised (clip_dim %d)", directory, config.clip_dim)
-    return model, config
+    return model
 
 
 def _backbone_config_from_file(state: dict, path: Path):
@@ -161,7 +166,8 @@ def _backbone_config_from_file(state: dict, path: Path):
                           f"keys start with {sorted(state)[:5]}")
 
 
-def _load_backbone_only(state: dict, path: Path, config: SegmenterConfig | None, clip_dim: int, dtype):
+def _load_backbone_only(state: dict, path: Path, config: SegmenterConfig | None, clip_dim: int,
+                        dtype) -> Segmenter:
     if config is None:
         kind, backbone_config = _backbone_config_from_file(state, path)
         config = SegmenterConfig(backbone=kind, backbone_config=backbone_config, clip_dim=clip_dim)
@@ -169,17 +175,28 @@ def _load_backbone_only(state: dict, path: Path, config: SegmenterConfig | None,
     backbone_keys.load_backbone_weights(model.backbone, state, source=str(path))
     log.info("%s: backbone initialised from the file; pixel decoder, transformer decoder and heads "
              "freshly initialised", path)
-    return model, config
+    return model
+
+
+def _load_workdir(path: Path, config: SegmenterConfig | None, step: int | None, dtype) -> Segmenter:
+    saved = checkpoint.stage_config(path, "segmenter", step)
+    config = config or SegmenterConfig.from_dict(saved["model"]["segmenter"])
+    model = Segmenter(config, dtype=dtype, rngs=nnx.Rngs(0))
+    checkpoint.restore_params(model, path, step=step, prefix=WORKDIR_PREFIX)
+    return model
 
 
 def load(path: str | os.PathLike, *, config: SegmenterConfig | None = None, clip_dim: int | None = None,
-         dtype=jnp.float32) -> tuple[Segmenter, SegmenterConfig]:
-    """Build a `Segmenter` from a checkpoint (see the module docstring) -> (segmenter, config).
+         step: int | None = None, dtype=jnp.float32) -> Segmenter:
+    """Build a `Segmenter` from a checkpoint or a training workdir (see the module docstring); its
+    architecture is `segmenter.config`.
 
-    config: the architecture, instead of reading it off the weights (needed for settings the weights
-        do not show, e.g. decoder heads != 8 or a ResNet's dilations, unless a sidecar has them).
+    config: the architecture, instead of reading it off the weights / the workdir's config (needed
+        for settings the weights do not show, e.g. decoder heads != 8 or a ResNet's dilations,
+        unless a sidecar has them).
     clip_dim: width of the open-vocabulary head for files without one (transformers MaskFormer,
         backbone-only); default 768 (CLIP ViT-L/14). Not allowed together with `config`.
+    step: which checkpoint of a training workdir (default the latest); only for workdirs.
     dtype: compute dtype; parameters stay float32.
     """
     path = Path(path)
@@ -188,9 +205,14 @@ def load(path: str | os.PathLike, *, config: SegmenterConfig | None = None, clip
     clip_dim = 768 if clip_dim is None else clip_dim
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
+    if checkpoint.is_checkpoint_dir(path):
+        return _load_workdir(path, config, step, dtype)
+    if step is not None:
+        raise ValueError(f"{path}: step={step} is only for training workdirs (<workdir>/checkpoints/<step>)")
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path}: a directory must be a transformers MaskFormer checkpoint "
+            raise CheckpointError(f"{path}: a directory must be a segmenter training workdir "
+                                  "(checkpoints/<step>/params) or a transformers MaskFormer checkpoint "
                                   "(config.json + model.safetensors)")
         return _load_hf(path, config, clip_dim, dtype)
     state = _strip_model_wrapper(read_state_dict(path))

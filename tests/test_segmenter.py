@@ -155,7 +155,8 @@ def hf_dir(torch_maskformer, tmp_path_factory):
 def segmenter(hf_dir):
     from ovseg_jax.segmenter import load
 
-    model, config = load(hf_dir, clip_dim=CLIP_DIM)
+    model = load(hf_dir, clip_dim=CLIP_DIM)
+    config = model.config
     assert config.clip_dim == CLIP_DIM and config.nheads == 4 and config.dec_layers == 3
     return model
 
@@ -278,8 +279,8 @@ def test_export_writes_the_ovseg_layout(exported):
 def test_ovseg_round_trip_gives_identical_outputs(exported, ours, segmenter, images, text_bank):
     from ovseg_jax.segmenter import load
 
-    model, config = load(exported)
-    assert config == segmenter.config
+    model = load(exported)
+    assert model.config == segmenter.config
     mf, hs, out = _run(model, images, text_bank)
     np.testing.assert_array_equal(mf, ours[0])
     np.testing.assert_array_equal(hs, ours[1])
@@ -292,8 +293,8 @@ def test_safetensors_export_loads_back(segmenter, tmp_path):
     from ovseg_jax.segmenter import export, load
 
     path = export(segmenter, tmp_path / "segmenter.safetensors")
-    model, config = load(path)
-    assert config == segmenter.config
+    model = load(path)
+    assert model.config == segmenter.config
     a, b = nnx_to_torch(segmenter), nnx_to_torch(model)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -310,7 +311,8 @@ def test_backbone_only_file_initialises_the_backbone(segmenter, tmp_path):
                 "head.weight": np.zeros((10, 128), np.float32), "head.bias": np.zeros(10, np.float32),
                 "layers.0.blocks.0.attn.relative_position_index": np.zeros((9, 9), np.int64)}
     torch.save({"model": {k: torch.from_numpy(np.asarray(v)) for k, v in official.items()}}, tmp_path / "swin.pth")
-    model, config = load(tmp_path / "swin.pth", clip_dim=CLIP_DIM)
+    model = load(tmp_path / "swin.pth", clip_dim=CLIP_DIM)
+    config = model.config
     expected = segmenter.config.backbone_config.replace(drop_path_rate=config.backbone_config.drop_path_rate)
     assert config.backbone_config == expected and config.clip_dim == CLIP_DIM and config.num_queries == 100
     loaded = nnx_to_torch(model.backbone)
@@ -333,8 +335,8 @@ def test_resnet_segmenter_ovseg_round_trip(tmp_path):
     state = torch.load(path, weights_only=True)["model"]
     assert {"backbone.stem.conv1.weight", "backbone.stem.conv1.norm.running_mean", "backbone.res5.0.shortcut.weight",
             "sem_seg_head.pixel_decoder.layer_4.weight"} <= set(state)
-    loaded, loaded_config = load(path)
-    assert loaded_config == config
+    loaded = load(path)
+    assert loaded.config == config
     a, b = nnx_to_torch(model), nnx_to_torch(loaded)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -342,7 +344,7 @@ def test_resnet_segmenter_ovseg_round_trip(tmp_path):
 def test_bfloat16_compute_stays_close_to_float32(hf_dir, ours, images, text_bank):
     from ovseg_jax.segmenter import load
 
-    model, _ = load(hf_dir, clip_dim=CLIP_DIM, dtype=jnp.bfloat16)
+    model = load(hf_dir, clip_dim=CLIP_DIM, dtype=jnp.bfloat16)
     _, _, out = _run(model, images, text_bank)
     assert out["pred_masks"].dtype == np.float32 and out["pred_logits"].dtype == np.float32
     scale = np.abs(ours[2]["pred_masks"]).max()

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+import ovseg_jax.clip as oclip
 from ovseg_jax.clip import openai_state_dict
 from ovseg_jax.convert.torch_io import CheckpointError
-from ovseg_jax.merge import clip_from_workdir, merge
+from ovseg_jax.merge import merge
 from ovseg_jax.train import Trainer
 from tests.train_helpers import PairBatches, tiny_config
 
@@ -28,7 +29,7 @@ def test_merge_replaces_clip_keys_and_adds_mask_embedding(tmp_path):
     torch.save({"model": {"sem_seg_head.predictor.class_embed.weight": torch.from_numpy(head), **old},
                 "iteration": 119999}, tmp_path / "seg.pth")
 
-    out = merge(tmp_path / "seg.pth", clip_from_workdir(tmp_path / "mpt"), tmp_path / "merged.pth")
+    out = merge(tmp_path / "seg.pth", oclip.load(tmp_path / "mpt"), tmp_path / "merged.pth")
     merged = torch.load(out, weights_only=True)["model"]
     np.testing.assert_array_equal(merged["sem_seg_head.predictor.class_embed.weight"].numpy(), head)
     assert sorted(merged) == sorted(["sem_seg_head.predictor.class_embed.weight",

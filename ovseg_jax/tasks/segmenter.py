@@ -27,7 +27,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ovseg_jax import checkpoint
 from ovseg_jax.losses.mask_losses import LossWeights, maskformer_loss
 from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig, normalize_images
 
@@ -89,19 +88,16 @@ def check_inputs(config) -> None:
 
 
 def _frozen_clip(config):
-    """The `ovseg_jax.clip.Clip` of `config.model.clip_init` with its tokenizer."""
-    from ovseg_jax.clip import Clip, load  # noqa: PLC0415  (imports transformers' tokenizer code)
-    from ovseg_jax.merge import clip_from_workdir  # noqa: PLC0415
-    from ovseg_jax.text import Tokenizer  # noqa: PLC0415
+    """The `ovseg_jax.clip.Clip` of `config.model.clip_init` (mask prompts off: only its text
+    tower is used) with `config.model.tokenizer`, or the checkpoint's / the CLIP run's own."""
+    from ovseg_jax.clip import load  # noqa: PLC0415  (imports transformers' tokenizer code)
 
     m = config.model
-    tokenizer = m.get("tokenizer") or None
-    if checkpoint.is_checkpoint_dir(m.clip_init):
-        if tokenizer is None:
-            raise ValueError("config.model.tokenizer is required with a workdir as config.model.clip_init")
-        model = clip_from_workdir(m.clip_init)
-        return Clip(model, Tokenizer.load(tokenizer, context_length=model.config.context_length))
-    return load(m.clip_init, mask_prompt_depth=0, tokenizer=tokenizer)
+    clip = load(m.clip_init, mask_prompt_depth=0, tokenizer=m.get("tokenizer") or None)
+    if clip.tokenizer is None:
+        raise ValueError(f"config.model.tokenizer is required: config.model.clip_init={m.clip_init!r} "
+                         "brings no tokenizer")
+    return clip
 
 
 def text_bank(config) -> np.ndarray:
@@ -117,13 +113,10 @@ def build_model(config, *, dtype, rngs: nnx.Rngs) -> SegmenterWithTextBank:
     init = config.get("init_from") or ""
     if not init:
         segmenter = Segmenter(cfg, dtype=dtype, rngs=rngs)
-    elif checkpoint.is_checkpoint_dir(init):
-        segmenter = Segmenter(cfg, dtype=dtype, rngs=rngs)
-        _assign_trained(segmenter, init)
     else:
         from ovseg_jax.segmenter import load  # noqa: PLC0415
 
-        segmenter, _ = load(init, config=cfg, dtype=dtype)
+        segmenter = load(init, config=cfg, dtype=dtype)
     bank = text_bank(config)
     if bank.shape[1] != cfg.clip_dim:
         raise ValueError(f"config.model.segmenter.clip_dim={cfg.clip_dim} but the CLIP at "
@@ -131,21 +124,6 @@ def build_model(config, *, dtype, rngs: nnx.Rngs) -> SegmenterWithTextBank:
     weights = config.get("loss") or loss_config()
     return SegmenterWithTextBank(segmenter, bank, LossWeights(ce=weights.ce, mask=weights.mask, dice=weights.dice),
                                  weights.no_object)
-
-
-def _assign_trained(segmenter: Segmenter, workdir: str | Path) -> None:
-    params = {k.removeprefix("segmenter/"): v for k, v in checkpoint.load_params(workdir).items()}
-    checkpoint.assign_params(segmenter, params, source=str(workdir))
-
-
-def load_trained(workdir: str | Path, *, dtype=jnp.float32) -> Segmenter:
-    """The segmenter of a segmenter-stage workdir's latest checkpoint (architecture from its config)."""
-    saved = checkpoint.load_config(workdir)
-    if saved.get("task") != "segmenter":
-        raise ValueError(f"{workdir}: a {saved.get('task')!r} run, not a segmenter stage")
-    segmenter = Segmenter(SegmenterConfig.from_dict(saved["model"]["segmenter"]), dtype=dtype, rngs=nnx.Rngs(0))
-    _assign_trained(segmenter, workdir)
-    return segmenter
 
 
 def loss(model: SegmenterWithTextBank, batch, rng: jax.Array):
