@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[torch,test]"
+	$(PY) -m pip install -q -e ".[torch,test,web]"
 	@touch $(STAMP)
 
 demo: $(STAMP)
