@@ -44,6 +44,14 @@ def exit_on_error() -> Iterator[None]:
         raise SystemExit(2) from None
 
 
+def cli_logging() -> None:
+    """Log this package's INFO lines to stderr, and only orbax's (absl's) errors."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s:%(name)s: %(message)s")
+    for name in ("ovseg_jax", "__main__"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
 def export(source: str | Path, format: str, out: str | Path, *, clip: str | Path | None = None,
            tokenizer: str | Path | None = None) -> Path:
     """Write the model(s) of `source` (and `clip`, for "ovseg") to `out` in `format` -> `out`."""
@@ -80,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--clip", help="ovseg only: the CLIP (file or workdir); default the one inside --from")
     parser.add_argument("--tokenizer", help="tokenizer directory or OpenAI BPE .txt.gz (default: the CLIP's own)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    cli_logging()
     with exit_on_error():
         print(export(args.source, args.format, args.out, clip=args.clip, tokenizer=args.tokenizer))
 

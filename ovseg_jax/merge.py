@@ -22,7 +22,7 @@ import numpy as np
 
 from ovseg_jax import checkpoint
 from ovseg_jax.convert.torch_io import CheckpointError, read_state_dict, write_torch_file
-from ovseg_jax.export import exit_on_error
+from ovseg_jax.export import cli_logging, exit_on_error
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--clip", required=True, help="CLIP stage workdir or CLIP checkpoint")
     parser.add_argument("--out", required=True, help="output .pth")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    cli_logging()
     with exit_on_error():
         from ovseg_jax.clip import load  # noqa: PLC0415
 
