@@ -53,7 +53,7 @@ from flax import nnx
 from ovseg_jax.clip import Clip
 from ovseg_jax.data.transforms import resize_image, resized_hw as reference_resized_hw
 from ovseg_jax.image_ops import resize_bilinear, window_interpolation_matrix
-from ovseg_jax.masked_crops import masked_crops
+from ovseg_jax.masked_crops import CROPS, masked_crops
 from ovseg_jax.models.maskformer import TEMPERATURE, Segmenter, normalize_images
 
 MODES = ("semantic", "demo")
@@ -161,15 +161,22 @@ def combine(proposals: Proposals, clip_logits: jax.Array | None, valid: jax.Arra
     return demo_scores(probs, proposals.mask_probs, valid, mask_threshold=mask_threshold, num_named=num_named)
 
 
-def _labels_and_confidence(scores: jax.Array, resized_hw: jax.Array, original_hw: jax.Array, out_hw: tuple[int, int],
-                           num_named: int | None) -> tuple[jax.Array, jax.Array]:
-    """Bilinear resize of the `resized_hw` window of `[Hp, Wp, C]` scores to `original_hw`, written
-    into an `out_hw` output (rows/columns beyond `original_hw` are padding), then argmax. With
-    `num_named`, pixels without a positive score or won by a class from `num_named` on are UNLABELED."""
+def scores_at_original(scores: jax.Array, resized_hw: jax.Array, original_hw: jax.Array,
+                       out_hw: tuple[int, int]) -> jax.Array:
+    """Bilinear resize (align_corners=False) of the `resized_hw` window of `[Hp, Wp, C]` scores to
+    `original_hw`, written into an `[*out_hw, C]` output whose rows/columns beyond `original_hw` are
+    zero padding (reference 1.7 step 7; traced sizes, static `out_hw`)."""
     hp, wp = scores.shape[:2]
     rows = window_interpolation_matrix(0, resized_hw[0], hp, out_hw[0], "bilinear", original_hw[0])
     cols = window_interpolation_matrix(0, resized_hw[1], wp, out_hw[1], "bilinear", original_hw[1])
-    full = jnp.einsum("oh,hwc,pw->opc", rows, scores, cols, precision="highest")
+    return jnp.einsum("oh,hwc,pw->opc", rows, scores, cols, precision="highest")
+
+
+def _labels_and_confidence(scores: jax.Array, resized_hw: jax.Array, original_hw: jax.Array, out_hw: tuple[int, int],
+                           num_named: int | None) -> tuple[jax.Array, jax.Array]:
+    """`scores_at_original`, then argmax. With `num_named`, pixels without a positive score or won
+    by a class from `num_named` on are UNLABELED."""
+    full = scores_at_original(scores, resized_hw, original_hw, out_hw)
     labels = jnp.argmax(full, axis=-1).astype(jnp.int32)
     confidence = jnp.max(full, axis=-1)
     if num_named is not None:
@@ -183,7 +190,7 @@ def _batch_labels(scores, resized_hw, original_hw, *, out_hw, num_named):
         scores, resized_hw, original_hw)
 
 
-def _output_bucket(sizes: np.ndarray) -> tuple[int, int]:
+def output_bucket(sizes: np.ndarray) -> tuple[int, int]:
     top = np.max(np.asarray(sizes).reshape(-1, 2), axis=0)
     return tuple(int(-(-v // OUTPUT_BUCKET) * OUTPUT_BUCKET) for v in top)
 
@@ -199,7 +206,7 @@ def predict_labels(scores: jax.Array, original_hw: tuple[int, int], resized_hw: 
     if min(h, w, *original_hw) <= 0:
         raise ValueError(f"cannot resize {h}x{w} to {original_hw[0]}x{original_hw[1]}: both sizes must be positive")
     labels, _ = _batch_labels(scores[None], jnp.asarray([resized_hw], jnp.int32),
-                              jnp.asarray([original_hw], jnp.int32), out_hw=_output_bucket(original_hw),
+                              jnp.asarray([original_hw], jnp.int32), out_hw=output_bucket(original_hw),
                               num_named=num_named)
     return np.asarray(labels[0, :original_hw[0], :original_hw[1]])
 
@@ -219,10 +226,10 @@ def _segment(segmenter: Segmenter, images: jax.Array, text_bank: jax.Array, resi
 
 
 def _classify_crops(clip, image: jax.Array, mask_probs: jax.Array, text_bank: jax.Array, *, mask_threshold: float,
-                    mask_prompts: bool) -> tuple[jax.Array, jax.Array]:
-    """CLIP on the masked crops of one image (reference 1.8-1.9) -> (`[Q, C+1]` logits with a zero
-    non-object column, `[Q]` valid)."""
-    crops = masked_crops(image, mask_probs, threshold=mask_threshold, size=clip.config.image_size)
+                    mask_prompts: bool, crop: str = "masked") -> tuple[jax.Array, jax.Array]:
+    """CLIP on the masked (or plain box, `crop="box"`) crops of one image (reference 1.8-1.9) ->
+    (`[Q, C+1]` logits with a zero non-object column, `[Q]` valid)."""
+    crops = masked_crops(image, mask_probs, threshold=mask_threshold, size=clip.config.image_size, crop=crop)
     feats = clip.encode_image(crops.images, crops.region_masks if mask_prompts else None)
     feats = feats / jnp.linalg.norm(feats, axis=-1, keepdims=True)
     logits = TEMPERATURE * feats @ text_bank.T  # the non-object column is dropped by the ensemble
@@ -234,17 +241,17 @@ def _proposals_jit(seg_graph, seg_state, images, text_bank, resized_hw):
     return _segment(nnx.merge(seg_graph, seg_state), images, text_bank, resized_hw)
 
 
-@functools.partial(jax.jit, static_argnames=("clip_graph", "mask_threshold", "mask_prompts"))
-def _crops_jit(clip_graph, clip_state, images, mask_probs, text_bank, *, mask_threshold, mask_prompts):
+@functools.partial(jax.jit, static_argnames=("clip_graph", "mask_threshold", "mask_prompts", "crop"))
+def _crops_jit(clip_graph, clip_state, images, mask_probs, text_bank, *, mask_threshold, mask_prompts, crop):
     clip = nnx.merge(clip_graph, clip_state)
     return jax.lax.map(lambda a: _classify_crops(clip, a[0], a[1], text_bank, mask_threshold=mask_threshold,
-                                                 mask_prompts=mask_prompts), (images, mask_probs))
+                                                 mask_prompts=mask_prompts, crop=crop), (images, mask_probs))
 
 
 @functools.partial(jax.jit, static_argnames=("seg_graph", "clip_graph", "mask_threshold", "ensemble_weight",
-                                             "mask_prompts", "mode", "num_named"))
+                                             "mask_prompts", "mode", "num_named", "crop"))
 def _scores_jit(seg_graph, seg_state, clip_graph, clip_state, images, text_bank, resized_hw, *, mask_threshold,
-                ensemble_weight, mask_prompts, mode, num_named):
+                ensemble_weight, mask_prompts, mode, num_named, crop):
     """`[B, Hp, Wp, 3]` 0-255 -> `[B, Hp, Wp, C]` scores (zero outside each `resized_hw`)."""
     proposals = _segment(nnx.merge(seg_graph, seg_state), images, text_bank, resized_hw)
     clip = nnx.merge(clip_graph, clip_state)
@@ -255,7 +262,7 @@ def _scores_jit(seg_graph, seg_state, clip_graph, clip_state, images, text_bank,
         if ensemble_weight is None:
             return combine(one_image, None, None, ensemble_weight=None)
         clip_logits, valid = _classify_crops(clip, image, mask_probs, text_bank, mask_threshold=mask_threshold,
-                                             mask_prompts=mask_prompts)
+                                             mask_prompts=mask_prompts, crop=crop)
         return combine(one_image, clip_logits, valid, ensemble_weight=ensemble_weight, mode=mode,
                        mask_threshold=mask_threshold, num_named=num_named)
 
@@ -333,6 +340,7 @@ class Predictor:
     ensemble_weight: λ of reference 1.7 (0.7 A-150/A-847, 0.6 PC-59/PC-459, 0.45 PAS-20; 0 = CLIP
         only; None = segmenter only).
     mask_prompts: feed region masks to CLIP (reference `MASK_PROMPT_FWD`) when it has prompts.
+    crop: "masked" (reference 1.8) or "box" (appendix A: the plain box crop, background kept).
     templates: prompt templates of the class-name embeddings ("vild" = the 14 ViLD templates).
     mode: "semantic" (evaluation: every pixel gets a class) or "demo" (see the module docstring).
     resize: `(short, max_size)`, e.g. (640, 2560) (R101c: (512, 2048)): `predict` without `resized_hw`
@@ -344,15 +352,17 @@ class Predictor:
     def __init__(self, segmenter: Segmenter, clip: Clip, *, mask_threshold: float = 0.4,
                  ensemble_weight: float | None = 0.7, mask_prompts: bool = True,
                  templates: str | Sequence[str] = "vild", mode: str = "semantic",
-                 resize: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS):
+                 resize: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS, crop: str = "masked"):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} unknown; expected one of {MODES}")
+        if crop not in CROPS:
+            raise ValueError(f"crop {crop!r} unknown; expected one of {CROPS}")
         if mode == "demo" and ensemble_weight is None:
             raise ValueError("demo mode classifies with CLIP: give an ensemble_weight (the original demo uses 0)")
         if ensemble_weight is not None and not 0.0 <= ensemble_weight <= 1.0:
             raise ValueError(f"ensemble_weight must lie in [0, 1] (or be None); got {ensemble_weight}")
         self.segmenter, self.clip, self.templates, self.mode = segmenter, clip, templates, mode
-        self.mask_threshold, self.ensemble_weight = mask_threshold, ensemble_weight
+        self.mask_threshold, self.ensemble_weight, self.crop = mask_threshold, ensemble_weight, crop
         self.mask_prompts = mask_prompts and clip.config.mask_prompt_depth > 0
         self.resize = None if resize is None else _check_hw(resize, "resize (short, max_size)")
         self.max_pixels = max_pixels
@@ -421,7 +431,7 @@ class Predictor:
                                    mask_probs[None] if single else mask_probs,
                                    self.text_bank(check_class_names(class_names)),
                                    mask_threshold=self.mask_threshold if mask_threshold is None else mask_threshold,
-                                   mask_prompts=self.mask_prompts)
+                                   mask_prompts=self.mask_prompts, crop=self.crop)
         return (logits[0], valid[0]) if single else (logits, valid)
 
     # -- predictions -------------------------------------------------------------------------
@@ -432,7 +442,7 @@ class Predictor:
         return _scores_jit(seg_graph, seg_state, clip_graph, clip_state, jnp.asarray(batch, jnp.float32),
                            self.text_bank(names), jnp.asarray(sizes), mask_threshold=self.mask_threshold,
                            ensemble_weight=self.ensemble_weight, mask_prompts=self.mask_prompts, mode=self.mode,
-                           num_named=num_named)
+                           num_named=num_named, crop=self.crop)
 
     def scores(self, image, class_names: Sequence[str], resized_hw: tuple[int, int] | None = None) -> jax.Array:
         """`[Hp, Wp, 3]` uint8 resized (+ padded) image -> `[Hp, Wp, C]` scores (0 outside `resized_hw`).
@@ -454,7 +464,7 @@ class Predictor:
             raise ValueError(f"{len(original)} original sizes for {len(batch)} images")
         scores = self._batch_scores(batch, sizes, names, num_named)
         labels, confidence = _batch_labels(scores, jnp.asarray(sizes), jnp.asarray(original),
-                                           out_hw=_output_bucket(original),
+                                           out_hw=output_bucket(original),
                                            num_named=num_named if self.mode == "demo" else None)
         labels, confidence = np.asarray(labels), np.asarray(confidence)
         return [Segmentation(labels[i, :h, :w], confidence[i, :h, :w]) for i, (h, w) in enumerate(original)]

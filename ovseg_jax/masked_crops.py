@@ -50,8 +50,11 @@ def mask_boxes(binary: jax.Array, expand_ratio: float = 1.0) -> jax.Array:
     return jnp.clip(box, 0, limits)
 
 
+CROPS = ("masked", "box")
+
+
 def masked_crops(image: jax.Array, mask_probs: jax.Array, *, threshold: float, size: int = 224,
-                 expand_ratio: float = 1.0, chunk: int = 16) -> MaskedCrops:
+                 expand_ratio: float = 1.0, chunk: int = 16, crop: str = "masked") -> MaskedCrops:
     """Crop every proposal for CLIP.
 
     image: `[H, W, 3]` RGB on the 0-255 scale (float). mask_probs: `[Q, H, W]` mask probabilities
@@ -60,7 +63,12 @@ def masked_crops(image: jax.Array, mask_probs: jax.Array, *, threshold: float, s
     mask, background filled with 255 x CLIP mean, CLIP-normalised, then resized to `size` x `size`
     with torch's bicubic (images) and legacy nearest (masks). `chunk` proposals are processed
     at a time to bound memory (`[chunk, H, W, 3]` intermediates).
+
+    `crop="box"` is the appendix A ablation: the plain box crop, background kept (not filled), and
+    region masks of all ones (the whole crop is the region, so mask prompts replace nothing).
     """
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {CROPS}; got {crop!r}")
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"image must be [H, W, 3]; got {image.shape}")
     if mask_probs.ndim != 3 or mask_probs.shape[1:] != image.shape[:2]:
@@ -77,13 +85,15 @@ def masked_crops(image: jax.Array, mask_probs: jax.Array, *, threshold: float, s
         left, top, right, bottom = box[0], box[1], box[2], box[3]
         rows_cubic = window_interpolation_matrix(top, bottom - top, height, size, "bicubic")
         cols_cubic = window_interpolation_matrix(left, right - left, width, size, "bicubic")
+        maskf = mask.astype(jnp.float32)
+        shown = normalised * maskf[..., None] if crop == "masked" else normalised
+        crop_image = jnp.einsum("oh,hwc,pw->opc", rows_cubic, shown, cols_cubic, precision="highest")
+        if crop == "box":
+            return crop_image, jnp.ones((size, size), jnp.float32)
         rows_near = window_interpolation_matrix(top, bottom - top, height, size, "nearest")
         cols_near = window_interpolation_matrix(left, right - left, width, size, "nearest")
-        maskf = mask.astype(jnp.float32)
-        crop = jnp.einsum("oh,hwc,pw->opc", rows_cubic, normalised * maskf[..., None], cols_cubic,
-                          precision="highest")
         crop_mask = jnp.einsum("oh,hw,pw->op", rows_near, maskf, cols_near, precision="highest")
-        return crop, crop_mask
+        return crop_image, crop_mask
 
     images, region_masks = jax.lax.map(crop_one, (binary, boxes), batch_size=chunk)
     return MaskedCrops(images, region_masks, binary.any(axis=(-2, -1)))
