@@ -348,9 +348,10 @@ class _Evaluations:
 def run(table: int, out: Path, from_dir: Path | None = None, quick: bool = False) -> dict:
     """Train and evaluate the variants of appendix table `table` -> the results (also written to
     `out`/table<N>.json)."""
+    import ovseg_jax.clip  # noqa: PLC0415
+    import ovseg_jax.segmenter  # noqa: PLC0415
     from ovseg_jax import demo  # noqa: PLC0415
     from ovseg_jax.compilation import enable_cache  # noqa: PLC0415
-    from ovseg_jax.tasks.segmenter import load_trained  # noqa: PLC0415
 
     if table not in TABLES:
         raise ValueError(f"--table {table}: tables {sorted(TABLES)} are available (table 5 needs mined pairs)")
@@ -385,12 +386,12 @@ def run(table: int, out: Path, from_dir: Path | None = None, quick: bool = False
 
         def compute():
             nonlocal segmenter
-            segmenter = segmenter or load_trained(base / "segmenter")
+            segmenter = segmenter or ovseg_jax.segmenter.load(base / "segmenter")
             t1 = time.perf_counter()
-            clip = demo._clip(clip_dir.parent, clip_dir.name, config)
+            clip = ovseg_jax.clip.load(clip_dir)  # with the tokenizer the stage trained with
             m, _, _ = demo.evaluate_clip(segmenter, clip, config, ensemble=ensemble)
-            log.info("%s: mIoU %.1f (seen %.1f, unseen %.1f)", clip_dir.name, m["mIoU"], m["mIoU_seen"],
-                     m["mIoU_unseen"])
+            log.info("%s: mIoU %.1f (seen %.1f, unseen %.1f)", clip_dir.name if ensemble else "segmenter alone",
+                     m["mIoU"], m["mIoU_seen"], m["mIoU_unseen"])
             return {**m, "seconds": round(time.perf_counter() - t1, 1)}
 
         return evaluations.get(key, compute)
