@@ -25,7 +25,10 @@ WORLD = dict(num_train=1500, num_val=100, num_web=3000, image_size=64, seed=0)
 QUICK_WORLD = dict(WORLD, num_train=64, num_val=8, num_web=64)
 # The captions' phrasing ("a red circle", "a grass"); the 14 ViLD templates need words the world never shows.
 TEMPLATES = ["a {}"]
-VARIANTS = ("", "quick")
+VARIANTS = ("", "quick", "mined")
+# The "mined" variant's CLIP stages read pairs mined from the captions (python -m ovseg_jax.mine_pairs
+# --config configs/mine_synthetic.py:OUT --workdir OUT/world/mined) instead of the ground-truth pairs.
+MINED_PAIRS = "mined/pairs.jsonl"
 
 
 def clip_config() -> ClipConfig:
@@ -45,7 +48,8 @@ def segmenter_config() -> SegmenterConfig:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Variants: "" (the demo, a few minutes on 2 CPU cores) and "quick" (a handful of steps per stage),
+    """Variants: "" (the demo, a few minutes on 2 CPU cores), "quick" (a handful of steps per stage) and
+    "mined" (the demo with the CLIP stages on `world/mined/pairs.jsonl`, see `MINED_PAIRS`),
     optionally followed by ",<plan>": the appendix's CLIP adaptation plans of `ovseg_jax.ablate`
     (`ablate.PLAN_NAMES`: "mpt_ft", "joint", "vpt", "mpt_d1", "ft_mpt_d6", ...) in place of the
     clip_ft -> clip_mpt stages, e.g. `configs/synthetic.py:mpt_ft` or `configs/synthetic.py:quick,joint`."""
@@ -103,6 +107,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                           batch_size=64)
     clip_mpt.init_from = "{workdir}/clip_ft"
     clip_mpt.data = clip_data("clip_pairs", f"{root}/pairs.jsonl")
+    if arg == "mined":
+        clip_ft.data.path = clip_mpt.data.path = f"{root}/{MINED_PAIRS}"
 
     c = ml_collections.ConfigDict()
     c.stages = ["pretrain", "segmenter", "clip_ft", "clip_mpt"]
