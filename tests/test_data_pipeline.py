@@ -38,6 +38,10 @@ def test_segmentation_batches_are_deterministic(world):
     assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].dtype == np.int32 and batch["masks"].shape == (4, 6, 32, 32)
     assert batch["classes"].dtype == np.int32 and batch["valid"].dtype == bool
+    for b in range(4):  # the masks (added after the workers) are the label's classes
+        for g in range(6):
+            expected = (batch["label"][b] == batch["classes"][b, g]) & batch["valid"][b, g]
+            assert np.array_equal(batch["masks"][b, g], expected.astype(np.uint8))
 
 
 def test_processes_take_interleaved_slices_of_the_global_stream(world):

@@ -99,6 +99,73 @@ def test_hsv_conversions_match_colorsys():
     assert np.abs(back - ref).max() <= 0.5 + 1e-6
 
 
+def _hsv_formula(rgb):
+    """OpenCV's 8-bit RGB -> HSV as float32 formulas evaluated per pixel (the definition the
+    lookup tables must reproduce bit for bit)."""
+    x = rgb.astype(np.float32)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    v = np.maximum(np.maximum(r, g), b)
+    diff = v - np.minimum(np.minimum(r, g), b)
+    s = np.where(v > 0, diff * 255.0 / np.maximum(v, 1), 0.0)
+    d = np.maximum(diff, 1e-6)
+    h = np.where(v == r, 60.0 * (g - b) / d, np.where(v == g, 120.0 + 60.0 * (b - r) / d, 240.0 + 60.0 * (r - g) / d))
+    h = np.where(diff == 0, 0.0, np.mod(h, 360.0))
+    return np.stack([np.mod(np.rint(h / 2.0), 180.0), np.rint(s), v], -1).astype(np.uint8)
+
+
+def _rgb_formula(hsv):
+    """8-bit HSV -> RGB as float32 formulas per pixel (sector, p, q, t)."""
+    h = hsv[..., 0].astype(np.float32) * 2.0 / 60.0
+    s = hsv[..., 1].astype(np.float32) / 255.0
+    v = hsv[..., 2].astype(np.float32) / 255.0
+    sector = np.floor(h)
+    f = h - sector
+    sector = sector.astype(np.int32) % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    rgb = np.stack([np.choose(sector, (v, q, p, p, t, v)), np.choose(sector, (t, v, v, q, p, p)),
+                    np.choose(sector, (p, p, t, v, v, q))], -1)
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def test_hsv_lookup_tables_equal_the_per_pixel_formulas_on_every_8bit_value():
+    """All 2^24 RGB colours, and all 2^24 byte triples as HSV (H >= 180 included)."""
+    codes = np.arange(1 << 24, dtype=np.uint32).reshape(4096, 4096)
+    triples = np.stack([(codes >> 16) & 255, (codes >> 8) & 255, codes & 255], -1).astype(np.uint8)
+    for rows in np.array_split(np.arange(4096), 4):  # (bounded memory)
+        part = triples[rows]
+        assert np.array_equal(transforms.rgb_to_hsv(part), _hsv_formula(part))
+        assert np.array_equal(transforms.hsv_to_rgb(part), _rgb_formula(part))
+
+
+def test_training_crop_equals_cropping_the_fully_resized_arrays():
+    """The transform crops before leaving PIL and gathers only the crop's label rows: the result is
+    the window of `resize_image` / `resize_label` of the whole example, for up- and downscaling."""
+    rng = np.random.default_rng(3)
+    for h, w, short in [(60, 80, 112), (80, 60, 40), (45, 45, 45), (30, 90, 64)]:
+        ex = _example(h, w, seed=h)
+        hw = transforms.resized_hw(h, w, short, 4 * short)
+        ch, cw = min(48, hw[0]), min(48, hw[1])
+        for _ in range(3):
+            y0, x0 = int(rng.integers(hw[0] - ch + 1)), int(rng.integers(hw[1] - cw + 1))
+            image, label = transforms._resized_crop(ex["image"], ex["label"], hw, (y0, x0, ch, cw))
+            window = np.s_[y0:y0 + ch, x0:x0 + cw]
+            assert np.array_equal(image, transforms.resize_image(ex["image"], hw)[window])
+            assert np.array_equal(label, transforms.resize_label(ex["label"], hw)[window])
+            assert label.dtype == np.int32
+
+
+def test_masks_of_a_batch_equal_each_example_s_mask_targets():
+    examples = [_example(24, 32, seed=s, num_classes=9)["label"] for s in range(3)]
+    targets = [transforms.mask_targets(label, 5, 255) for label in examples]
+    batched = transforms.masks_of(np.stack(examples), np.stack([t["classes"] for t in targets]),
+                                  np.stack([t["valid"] for t in targets]))
+    assert batched.dtype == np.uint8 and batched.shape == (3, 5, 24, 32)
+    assert np.array_equal(batched, np.stack([t["masks"] for t in targets]))
+    no_masks = transforms.train_transform(_example(), np.random.default_rng(1), crop_size=32, max_masks=8, masks=False)
+    full = transforms.train_transform(_example(), np.random.default_rng(1), crop_size=32, max_masks=8)
+    assert set(full) - set(no_masks) == {"masks"} and all(np.array_equal(no_masks[k], full[k]) for k in no_masks)
+
+
 class _ScriptedRng:
     """Every coin flip says yes; draws come from fixed values (uniform -> `u`, integers(a, b) -> `k`)."""
 

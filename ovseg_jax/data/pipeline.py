@@ -131,10 +131,26 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     return process_index, process_count
 
 
+# Read threads per process and their buffers (in elements: batches, or examples when bad ones are
+# skipped). grain's default (16 threads, 500 elements) ran 16 transforms at once in every worker
+# and buffered up to 500 batches; this bounds the memory to a few batches per process.
+IN_PROCESS_THREADS = 2  # num_workers=0: PIL and numpy release the GIL for most of the transform
+WORKER_THREADS = 1  # num_workers>0: each worker process transforms on one thread while it sends
+WORKER_BUFFER = 2  # batches each worker holds ready
+
+
+def _read_options(num_workers: int) -> grain.ReadOptions:
+    threads = WORKER_THREADS if num_workers > 0 else IN_PROCESS_THREADS
+    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+
+
 def _build(num_records: int, read: Callable[[int], Any], transform: Callable, *, batch_size: int | None,
            seed: int, shuffle: bool, num_epochs: int | None, num_workers: int, process_index: int | None,
-           process_count: int | None, skip_bad_examples: bool, drop_remainder: bool = True) -> grain.IterDataset:
-    """The shared chain. `batch_size` is global (None: unbatched examples)."""
+           process_count: int | None, skip_bad_examples: bool, drop_remainder: bool = True,
+           finish: Callable[[dict], dict] | None = None) -> grain.IterDataset:
+    """The shared chain. `batch_size` is global (None: unbatched examples). `finish(batch)` runs in
+    this process, on a background thread, after the worker processes: for outputs that are cheap to
+    compute from what the workers send but costly to send."""
     index, count = _process(process_index, process_count)
     ds = grain.MapDataset.range(num_records)
     if shuffle:
@@ -145,10 +161,11 @@ def _build(num_records: int, read: Callable[[int], Any], transform: Callable, *,
     ds = ds[index::count]
     if batch_size is not None and batch_size % count:
         raise ValueError(f"global batch_size={batch_size} is not divisible by the {count} processes")
+    read_options = _read_options(num_workers)
     if batch_size is not None and not skip_bad_examples:  # batches formed before the worker split
-        it = ds.batch(batch_size // count, drop_remainder=drop_remainder).to_iter_dataset()
+        it = ds.batch(batch_size // count, drop_remainder=drop_remainder).to_iter_dataset(read_options)
     else:  # the batch composition then depends on the skips (and on num_workers)
-        it = _DropBad(ds.to_iter_dataset(), flush=batch_size is None)
+        it = _DropBad(ds.to_iter_dataset(read_options), flush=batch_size is None)
         if batch_size is not None:
             it = it.batch(batch_size // count, drop_remainder=drop_remainder)
     if num_workers > 0:
@@ -156,7 +173,10 @@ def _build(num_records: int, read: Callable[[int], Any], transform: Callable, *,
 
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                         per_worker_buffer_size=WORKER_BUFFER))
+    if finish is not None:
+        it = grain.experimental.ThreadPrefetchIterDataset(it.map(finish), prefetch_buffer_size=2)
     if batch_size is None:
         it = it.map(_unbatched_skips)
     return _CountSkips(it)
@@ -180,11 +200,19 @@ def segmentation_loader(source, *, batch_size: int, crop_size: int = 640, max_ma
                         ignore_value=source.ignore_value, max_masks=max_masks, photometric=photometric, flip=flip)
     return _build(len(source), source.__getitem__, transform, batch_size=batch_size, seed=seed, shuffle=shuffle,
                   num_epochs=num_epochs, num_workers=num_workers, process_index=process_index,
-                  process_count=process_count, skip_bad_examples=skip_bad_examples)
+                  process_count=process_count, skip_bad_examples=skip_bad_examples, finish=_with_masks)
 
 
 def _train_example(example: dict, rng: np.random.Generator, **kwargs) -> dict:
-    return transforms.train_transform(example, rng, **kwargs)
+    return transforms.train_transform(example, rng, masks=False, **kwargs)
+
+
+def _with_masks(batch: dict) -> dict:
+    """Adds "masks" uint8 [b,G,S,S] from the label and classes. The masks are 80% of a batch's
+    bytes (32 x 640^2 per example): built here, after the workers, they are not copied through
+    shared memory between processes."""
+    batch["masks"] = transforms.masks_of(batch["label"], batch["classes"], batch["valid"])
+    return batch
 
 
 def eval_loader(source, *, short: int = 640, max_size: int = 2560, bucket: int = 128, num_workers: int = 0,
