@@ -195,8 +195,12 @@ def masks_of(label: np.ndarray, classes: np.ndarray, valid: np.ndarray) -> np.nd
     """Binary masks of `classes`: label int `[..., H, W]`, classes `[..., G]`, valid bool `[..., G]`
     -> uint8 `[..., G, H, W]` (1 where the label is the class; padding entries empty). Works on one
     example or a batch."""
-    hit = label[..., None, :, :] == classes[..., :, None, None]
-    return (hit & valid[..., :, None, None]).view(np.uint8)
+    masks = np.zeros((*classes.shape, *label.shape[-2:]), np.uint8)
+    flat_masks, flat_labels = masks.reshape(-1, *label.shape[-2:]), label.reshape(-1, *label.shape[-2:])
+    num_masks = classes.shape[-1]
+    for i in np.flatnonzero(valid):  # (only the valid ones: the padding stays zero, never written)
+        np.equal(flat_labels[i // num_masks], classes.flat[i], out=flat_masks[i].view(bool))
+    return masks
 
 
 def mask_targets(label: np.ndarray, max_masks: int, ignore_value: int) -> dict[str, np.ndarray]:
