@@ -585,7 +585,7 @@ def format_table(report: dict) -> str:
     """The printed summary of a `metrics.json` report: header, metrics, per-class rows (up to 60
     classes), and the sweep grid with the best setting."""
     s = report["setting"]
-    weight = {"segmenter": "segmenter only", "clip": "CLIP only (λ=0)"}.get(s["mode"], f"λ={s['ensemble_weight']:g}")
+    weight = {"segmenter": "segmenter only", "clip": "CLIP only (λ=0)"}.get(s["mode"]) or f"λ={s['ensemble_weight']:g}"
     tta = (f", TTA scales {','.join(f'{v:g}' for v in s['tta']['scales'])}" + (" + flip" if s["tta"]["flip"] else "")
            if s["tta"]["flip"] or s["tta"]["scales"] != [1.0] else "")
     lines = [f"{report['dataset']} ({report['split']}): {report['images']} images in {report['seconds']:.1f} s"
@@ -744,8 +744,9 @@ def _load(args, root: str | None):
     return segmenter, clip
 
 
-def run(argv: Sequence[str] | None = None) -> dict:
-    """The CLI without the exit handling -> the report written to `OUT/metrics.json`."""
+def run(argv: Sequence[str] | None = None, models: tuple | None = None) -> dict:
+    """The CLI without the exit handling -> the report written to `OUT/metrics.json`. `models`:
+    an already loaded `(Segmenter, Clip)` to evaluate instead of loading `--checkpoint`."""
     from ovseg_jax.ensemble import Predictor  # noqa: PLC0415
     from ovseg_jax.sharding import initialize_distributed  # noqa: PLC0415
 
@@ -773,7 +774,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     source = spec.make_source(root, args.split)
     names = list(source.class_names)
     unseen = unseen_classes(spec.name, names, root)
-    segmenter, clip = _load(args, root)
+    segmenter, clip = models or _load(args, root)
 
     model = dict(MODEL_DEFAULTS.get(segmenter.config.backbone, MODEL_DEFAULTS["swin"]), bucket=128, templates="vild")
     if spec.name == "synthetic":  # the demo's evaluation settings (configs/synthetic.py)
