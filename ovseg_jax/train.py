@@ -42,7 +42,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ovseg_jax import checkpoint, configs, optim, sharding, tasks
 from ovseg_jax.checkpoint import Checkpointer, FlatTree
 from ovseg_jax.configs import ConfigError
-from ovseg_jax.monitor import MetricWriter, Progress
+from ovseg_jax.metrics import train_collection
+from ovseg_jax.monitor import DropInfoFrom, create_writer, metric_writers, parameter_table, periodic_actions
 
 log = logging.getLogger("ovseg_jax.train")
 
@@ -116,6 +117,8 @@ class Trainer:
         groups = optim.param_groups(flat, config.optim, log_matches=True)
         groups = {p: groups[p] for p in self.trainable}
         log.info("parameter groups:\n%s", optim.describe(groups, len(flat) - len(self.trainable)))
+        if jax.process_index() == 0:
+            log.info("parameters:\n%s", parameter_table(flat, self.trainable))
         self.tx = optim.make_optimizer(config.optim, groups, config.total_steps)
         self.schedule = optim.make_schedule(config.optim, config.total_steps)
 
@@ -151,6 +154,7 @@ class Trainer:
             self.checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=ck.max_to_keep,
                                              interval=ck.interval, async_save=ck.async_save)
         self._stop_signal: int | None = None
+        self._collect = self._merge = None  # jitted clu metric update / merge, made at the first step
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -250,21 +254,38 @@ class Trainer:
         pending.clear()
         return {k: float(v) for k, v in fetched[-1][1].items()} if fetched else {}
 
+    def _hooks(self, start: int, end: int, writer) -> list[periodic_actions.PeriodicAction]:
+        """clu's `ReportProgress` (steps/s and ETA in the log every `log_every` steps, `steps_per_sec`
+        and `uptime` to the writer) and, with `config.profile_steps > 0` and a workdir, `Profile`: a
+        jax.profiler trace of that many steps from the third step of this run, in `workdir/profile`."""
+        hooks = [periodic_actions.ReportProgress(num_train_steps=end, writer=writer,
+                                                 every_steps=self.config.log_every, every_secs=None)]
+        profile_steps = int(self.config.get("profile_steps", 0) or 0)
+        if profile_steps > 0 and self.workdir is not None and jax.process_index() == 0:
+            hooks.append(periodic_actions.Profile(logdir=self.workdir / "profile", num_profile_steps=profile_steps,
+                                                  profile_duration_ms=0, first_profile=start + 2,
+                                                  every_steps=None, every_secs=None))
+        return hooks
+
     def fit(self, data_iter: Iterator[Mapping[str, np.ndarray]], *, num_steps: int | None = None,
-            writer: MetricWriter | None = None,
+            writer: metric_writers.MetricWriter | None = None,
             evaluate: Callable[[Any, int], Mapping[str, float]] | None = None) -> str:
         """Train until `config.total_steps` (or `num_steps` more steps) -> "done" or "preempted".
 
         Resumes from the workdir's latest checkpoint first. On SIGTERM/SIGINT the current state is
-        checkpointed and "preempted" returned. `evaluate(model, step)` runs every
-        `config.eval_every` steps (and at the end) and its scalars are logged.
+        checkpointed and "preempted" returned. The step metrics accumulate on device in a
+        `clu.metrics` collection (`ovseg_jax.metrics.train_collection`) and every `log_every` steps
+        their means over the steps since the last report go to `writer` (default: the log).
+        `evaluate(model, step)` runs every `config.eval_every` steps (and at the end) and its
+        scalars are logged.
         """
         cfg = self.config
         start = self.restore(data_iter)
         end = cfg.total_steps if num_steps is None else min(cfg.total_steps, start + num_steps)
-        writer = writer or MetricWriter(None)
+        writer = writer or create_writer(None)
+        hooks = self._hooks(start, end, writer)
         local_batch = None
-        progress = None
+        summed = None  # the clu collection since the last report
         pending: list[tuple[int, dict]] = []
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         saved_step = start
@@ -284,15 +305,18 @@ class Trainer:
                         raise ValueError(f"batches hold {local_batch} examples x {jax.process_count()} "
                                          f"processes; config.batch_size (global) is {cfg.batch_size}")
                     sharding.check_batch_divisible(cfg.batch_size, self.mesh)
-                    progress = Progress(end, local_batch * jax.process_count(), start)
                 self.state, metrics = self.train_step(self.state, to_global(batch, self.batch_sharding))
                 step += 1
                 pending.append((step, metrics))
+                summed = self._accumulate(summed, metrics)
                 save_now = self.checkpointer is not None and (self.checkpointer.should_save(step) or step == end)
                 if step % cfg.log_every == 0 or save_now or step == end:
-                    scalars = self._check(pending)
+                    self._check(pending)
                     if step % cfg.log_every == 0 or step == end:
-                        writer.write_scalars(step, {**scalars, **progress.report(step)})
+                        writer.write_scalars(step, {k: float(v) for k, v in jax.device_get(summed.compute()).items()})
+                        summed = None
+                for hook in hooks:
+                    hook(step)
                 if save_now:
                     self.save(data_iter)
                     saved_step = step
@@ -301,7 +325,8 @@ class Trainer:
                         self._check(pending)
                         self.save(data_iter)
                         saved_step = step
-                    writer.write_scalars(step, self._evaluate(evaluate, step))
+                    with hooks[0].timed("eval"):
+                        writer.write_scalars(step, self._evaluate(evaluate, step))
             self._check(pending)
             return "done"
         finally:
@@ -310,6 +335,15 @@ class Trainer:
             if self.checkpointer is not None:
                 self.checkpointer.wait()
             writer.flush()
+
+    def _accumulate(self, summed, metrics: dict):
+        """Merge one step's scalar metrics into the clu collection (on device, no host sync)."""
+        if self._collect is None:
+            collection = train_collection(metrics)
+            self._collect = jax.jit(collection.single_from_model_output)
+            self._merge = jax.jit(lambda a, b: a.merge(b))
+        update = self._collect(**metrics)
+        return update if summed is None else self._merge(summed, update)
 
     def _evaluate(self, evaluate: Callable[[Any, int], Mapping[str, float]], step: int) -> dict[str, float]:
         try:
@@ -351,6 +385,21 @@ def _substitute_workdir(config, workdir: Path) -> None:
             _substitute_workdir(value, workdir)
 
 
+def _hparams(config) -> dict[str, Any]:
+    """The config as flat `{"a.b": value}` scalars (other values as strings), for `write_hparams`."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node) -> None:
+        for key, value in node.items():
+            if hasattr(value, "items"):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+
+    walk("", config)
+    return flat
+
+
 def run(config, workdir: str | Path) -> str:
     """Train one stage (or, for a config with `stages`, each stage in turn in `workdir/<stage>`,
     with "{workdir}" in a stage's string fields (e.g. `init_from`) replaced by `workdir`)
@@ -377,7 +426,9 @@ def run(config, workdir: str | Path) -> str:
     try:
         data = make_data(config, task)
         evaluate = task.make_evaluator(config) if hasattr(task, "make_evaluator") else None
-        writer = MetricWriter(workdir / "tensorboard")
+        writer = create_writer(workdir / "tensorboard")
+        if jax.process_index() == 0:
+            writer.write_hparams(_hparams(config))
         try:
             return trainer.fit(data, writer=writer, evaluate=evaluate)
         finally:
@@ -394,7 +445,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO chatter
+    logging.getLogger("absl").addFilter(DropInfoFrom("/orbax/"))  # orbax's per-save INFO chatter (clu's notes stay)
     sharding.initialize_distributed()
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config FILE[:variant] and --workdir DIR are required")
