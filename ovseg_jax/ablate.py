@@ -1,8 +1,9 @@
-"""The appendix's CLIP adaptation variants (Tables 2-4) on the synthetic world.
+"""The appendix's CLIP adaptation variants (Tables 2-5) on the synthetic world.
 
     python -m ovseg_jax.ablate --table 2 --from outputs/demo --out outputs/ablate   # FT/MPT order
     python -m ovseg_jax.ablate --table 3 --from outputs/demo --out outputs/ablate   # prompt depth
     python -m ovseg_jax.ablate --table 4 --from outputs/demo --out outputs/ablate   # MPT vs deep VPT
+    python -m ovseg_jax.ablate --table 5 --from outputs/demo --out outputs/ablate   # pair source
 
 Each variant trains its CLIP stages (`configs/synthetic.py`'s clip_ft / clip_mpt recipes, changed
 as below) from the pretrained CLIP, and is evaluated as the demo evaluates (the ensemble of
@@ -22,8 +23,12 @@ The variants are config functions of the two base stage configs, used here, by
   MPT's lr and weight decay (per-parameter multipliers of the optimiser tables).
 - `visual_prompt_tuning(mpt, tokens, depth)`: deep VPT in place of MPT, same optimiser and steps.
 
-Table 5 (pair source) is one more list of rows whose plans differ only in `Stage.pairs` (the CLIP
-stages' pairs file); it waits for the mined caption pairs.
+Table 5 (pair source, FT only) is one more list of rows whose plans differ only in `Stage.pairs`
+(the FT stage's pairs file): the world's ground-truth pairs of the seen classes (the paper's
+COCO-Stuff pairs), pairs mined from the captions (`ovseg_jax.mine_pairs` with
+`configs/mine_synthetic.py`: the segmenter's proposals labelled by the pretrained CLIP with the
+caption's nouns), and both. Missing mined pairs are mined first, into `world/mined` and
+`world/mined_both` of the world in use.
 """
 
 from __future__ import annotations
@@ -177,9 +182,12 @@ class Stage:
     pairs: str = ""
 
 
+# Mined pairs files (under the world root) -> the mining run's `sources` (ovseg_jax.mine_pairs).
+MINED = {"mined/pairs.jsonl": "captions", "mined_both/pairs.jsonl": "both"}
 PAPER_DEPTHS = (1, 3, 6, 12)
-PLAN_NAMES = (("baseline", "ft", "ft_mpt", "mpt_ft", "joint", "vpt")
-              + tuple(f"mpt_d{d}" for d in PAPER_DEPTHS) + tuple(f"ft_mpt_d{d}" for d in PAPER_DEPTHS))
+DEPTHS = (1, 2, 3, 6, 12)  # the paper's, and the synthetic config's default 2
+PLAN_NAMES = (("baseline", "ft", "ft_mpt", "mpt_ft", "joint", "vpt", "ft_cap", "ft_both")
+              + tuple(f"mpt_d{d}" for d in DEPTHS) + tuple(f"ft_mpt_d{d}" for d in DEPTHS))
 
 
 def plans(config: ml_collections.ConfigDict) -> dict[str, tuple[Stage, ...]]:
@@ -198,8 +206,10 @@ def plans(config: ml_collections.ConfigDict) -> dict[str, tuple[Stage, ...]]:
     out = {"baseline": (), "ft": (ft,), "ft_mpt": (ft, mpt(default, "ft")),
            "mpt_ft": (mpt(default), Stage(f"mpt{cap(default)}_ft", f"mpt{cap(default)}", "ft_prompts", cap(default))),
            "joint": (Stage(f"joint{cap(default)}", "pretrain", "joint", cap(default)),),
-           "vpt": (Stage(f"vpt{tokens}x{vdepth}", "pretrain", "vpt"),)}
-    for d in PAPER_DEPTHS:
+           "vpt": (Stage(f"vpt{tokens}x{vdepth}", "pretrain", "vpt"),),
+           "ft_cap": (Stage("ft_cap", "pretrain", "ft", pairs="mined/pairs.jsonl"),),
+           "ft_both": (Stage("ft_both", "pretrain", "ft", pairs="mined_both/pairs.jsonl"),)}
+    for d in DEPTHS:
         out[f"mpt_d{d}"] = (mpt(d),)
         out[f"ft_mpt_d{d}"] = (ft, mpt(d, "ft"))
     return out
@@ -222,6 +232,9 @@ def stage_config(config: ml_collections.ConfigDict, stage: Stage, init_from: str
         raise ValueError(f"stage {stage.name}: unknown kind {stage.kind!r}")
     c.init_from = init_from
     if stage.pairs:
+        if not c.data.get("root"):
+            raise ValueError(f"stage {stage.name}: its pairs file {stage.pairs!r} is relative to config.data.root, "
+                             "which the FT recipe does not set")
         c.data.path = f"{c.data.root}/{stage.pairs}"
     return c
 
@@ -265,12 +278,17 @@ TABLES = {
         Row("MPT -> FT (prompts frozen)", ("mpt_ft",), (8.5, 28.1)),
         Row("FT + MPT sim.", ("joint",), (8.8, 29.0)))),
     3: Table("Table 3: mask prompt depth", ("w/o FT", "w/ FT"), ("w/o FT", "w/ FT"), tuple(
-        Row(f"{d}{' (default)' if d == 3 else ''}", (f"mpt_d{d}", f"ft_mpt_d{d}"), paper)
-        for d, paper in zip(PAPER_DEPTHS, ((25.7, 29.3), (26.5, 29.6), (26.8, 29.4), (26.8, 29.3))))),
-    4: Table("Table 4: prompt tuning methods (w/o FT)", ("",), ("A-150",), (
+        Row(f"{d}{' (paper default)' if d == 3 else ' (synthetic default)' if d == 2 else ''}",
+            (f"mpt_d{d}", f"ft_mpt_d{d}"), paper)
+        for d, paper in zip(DEPTHS, ((25.7, 29.3), (), (26.5, 29.6), (26.8, 29.4), (26.8, 29.3))))),
+    4: Table("Table 4: prompt tuning methods, w/o FT (the paper's VPT: 50 tokens, depth 6)", ("",), ("A-150",), (
         Row("baseline (pretrained CLIP)", ("baseline",), (21.8,)),
         Row("MPT (depth 3)", ("mpt_d3",), (26.5,)),
-        Row("VPT-deep (50 tokens, depth 6)", ("vpt",), (25.5,)))),
+        Row("VPT-deep", ("vpt",), (25.5,)))),
+    5: Table("Table 5: source of the mask-category pairs (FT only)", ("",), ("A-150",), (
+        Row("ground truth, seen classes (paper: COCO-Stuff)", ("ft",), (23.0,)),
+        Row("mined from captions", ("ft_cap",), (28.8,)),
+        Row("both", ("ft_both",), (26.7,)))),
 }
 
 
@@ -281,7 +299,7 @@ def _row_label(row: Row, table: int, plan_stages: dict[str, tuple[Stage, ...]], 
     if table == 4 and row.plans[0] == "vpt":
         name = plan_stages["vpt"][0].name  # vpt<tokens>x<depth>
         tokens, depth = name[3:].split("x")
-        return f"{row.label}: {tokens} tokens, depth {depth}"
+        return f"{row.label} ({tokens} tokens, depth {depth})"
     return row.label
 
 
@@ -295,7 +313,7 @@ def format_table(table: int, results: dict[str, dict], plan_stages, layers: int,
              header, "-" * len(header)]
     for row in t.rows:
         ours = " | ".join(f"{results[p]['mIoU_unseen']:>13.1f} {results[p]['mIoU_seen']:6.1f}" for p in row.plans)
-        paper = ", ".join(f"{v:.1f}" for v in row.paper)
+        paper = ", ".join(f"{v:.1f}" for v in row.paper) or "-"
         lines.append(f"{_row_label(row, table, plan_stages, layers):<40}{ours} || {paper}")
     for label, m in reference.items():
         lines.append(f"  ({label}: unseen {m['mIoU_unseen']:.1f}, seen {m['mIoU_seen']:.1f}, all {m['mIoU']:.1f})")
@@ -316,6 +334,24 @@ def check_demo_dir(from_dir: Path) -> None:
         raise FileNotFoundError(f"--from {from_dir}: expected a demo output directory (python -m ovseg_jax.demo "
                                 f"--out {from_dir}) with world/ and trained train/pretrain, train/segmenter; "
                                 f"missing {missing}")
+
+
+def mine(demo_dir: Path, base: Path, pairs: str) -> Path:
+    """Mine the pairs file `pairs` (a key of `MINED`) into the world of `demo_dir` with the segmenter
+    and pretrained CLIP under `base` (`configs/mine_synthetic.py`; resumes, no-op when done)."""
+    from ovseg_jax import demo, mine_pairs  # noqa: PLC0415
+
+    world = demo_dir / "world"
+    c = sibling_config(str(demo.CONFIG_FILE), "mine_synthetic.py", str(demo_dir))
+    c.model.segmenter, c.model.clip = str(base / "segmenter"), str(base / "pretrain")
+    c.sources = MINED[pairs]
+    if c.sources != "captions":
+        c.gt.dataset, c.gt.root = "synthetic", str(world)
+    workdir = world / Path(pairs).parent
+    if not (workdir / "report.json").is_file():
+        report = mine_pairs.run(mine_pairs.check_config(c), workdir)
+        log.info("mined %s:\n%s", workdir, mine_pairs.format_report(report))
+    return workdir / "pairs.jsonl"
 
 
 def _train_base(config, out: Path, from_dir: Path | None) -> Path:
@@ -354,7 +390,7 @@ def run(table: int, out: Path, from_dir: Path | None = None, quick: bool = False
     from ovseg_jax.compilation import enable_cache  # noqa: PLC0415
 
     if table not in TABLES:
-        raise ValueError(f"--table {table}: tables {sorted(TABLES)} are available (table 5 needs mined pairs)")
+        raise ValueError(f"--table {table}: tables {sorted(TABLES)} are available")
     out = out.absolute()
     from_dir = from_dir.absolute() if from_dir is not None else None
     if from_dir is not None:
@@ -369,6 +405,8 @@ def run(table: int, out: Path, from_dir: Path | None = None, quick: bool = False
     t = TABLES[table]
     wanted = [p for row in t.rows for p in row.plans]
     stages = {s.name: s for p in wanted for s in plan_stages[p]}  # each stage once, in plan order
+    for pairs in dict.fromkeys(s.pairs for s in stages.values() if s.pairs):
+        mine(from_dir or out, base, pairs)
     work = out / "train"
     train_cfg = ml_collections.ConfigDict({"stages": list(stages)})
     for name, stage in stages.items():
