@@ -44,7 +44,8 @@ from PIL import Image, UnidentifiedImageError
 
 from ovseg_jax import visualize
 from ovseg_jax.ensemble import MODES, Predictor, Segmentation, check_class_names
-from ovseg_jax.predict import MODE_DEFAULTS, RESIZE, _templates, load_image, load_predictor, preprocess, render, summarize
+from ovseg_jax.predict import (MODE_DEFAULTS, RESIZE, load_image, load_predictor, parse_templates, preprocess, render,
+                               summarize)
 from ovseg_jax.text import templates as resolve_templates
 
 log = logging.getLogger(__name__)
@@ -487,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
     try:
-        templates = _templates(args.templates)
+        templates = parse_templates(args.templates)
         resolve_templates(templates)
     except ValueError as e:
         fail(f"--templates: {e}")
