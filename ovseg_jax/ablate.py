@@ -292,29 +292,31 @@ TABLES = {
 }
 
 
-def _row_label(row: Row, table: int, plan_stages: dict[str, tuple[Stage, ...]], layers: int) -> str:
+def _row_label(row: Row, table: int, config: ml_collections.ConfigDict) -> str:
+    """The row's label with what it ran as on `config`'s CLIP (capped depth, scaled VPT)."""
+    layers = _layers(config.clip_mpt)
     if table == 3:
         depth = int(row.label.split()[0])
         return row.label + (f" (runs as {layers})" if depth > layers else "")
-    if table == 4 and row.plans[0] == "vpt":
-        name = plan_stages["vpt"][0].name  # vpt<tokens>x<depth>
-        tokens, depth = name[3:].split("x")
+    if row.plans == ("vpt",):
+        tokens, depth = vpt_size(config.clip_mpt.model.clip)
         return f"{row.label} ({tokens} tokens, depth {depth})"
     return row.label
 
 
-def format_table(table: int, results: dict[str, dict], plan_stages, layers: int, reference: dict[str, dict]) -> str:
+def format_table(table: int, results: dict[str, dict], config: ml_collections.ConfigDict,
+                 reference: dict[str, dict]) -> str:
     """The table as the paper lays it out: one row per setting, ensemble mIoU unseen / seen on the
     synthetic val split per column, the paper's real-data numbers (A-150 unless stated) beside."""
     t = TABLES[table]
     cells = [f"{(c + ' ') if c else ''}unseen   seen" for c in t.columns]
-    header = f"{'':<40}" + " | ".join(f"{c:>20}" for c in cells) + " || paper " + ", ".join(t.paper_columns)
+    header = f"{'':<48}" + " | ".join(f"{c:>20}" for c in cells) + " || paper " + ", ".join(t.paper_columns)
     lines = [f"{t.title}: ensemble mIoU on the synthetic val split (paper: real data, Swin-B + ViT-L/14)",
              header, "-" * len(header)]
     for row in t.rows:
         ours = " | ".join(f"{results[p]['mIoU_unseen']:>13.1f} {results[p]['mIoU_seen']:6.1f}" for p in row.plans)
         paper = ", ".join(f"{v:.1f}" for v in row.paper) or "-"
-        lines.append(f"{_row_label(row, table, plan_stages, layers):<40}{ours} || {paper}")
+        lines.append(f"{_row_label(row, table, config):<48}{ours} || {paper}")
     for label, m in reference.items():
         lines.append(f"  ({label}: unseen {m['mIoU_unseen']:.1f}, seen {m['mIoU_seen']:.1f}, all {m['mIoU']:.1f})")
     return "\n".join(lines)
@@ -439,10 +441,9 @@ def run(table: int, out: Path, from_dir: Path | None = None, quick: bool = False
                for p in wanted}
     reference = {"segmenter alone": evaluate(base / "pretrain", ensemble=False),
                  "+ pretrained CLIP": evaluate(base / "pretrain")}
-    layers = _layers(config.clip_mpt)
-    text = format_table(table, results, plan_stages, layers, reference)
+    text = format_table(table, results, config, reference)
     result = {"table": table, "title": t.title, "quick": quick, "from": str(from_dir) if from_dir else None,
-              "rows": [{"label": _row_label(r, table, plan_stages, layers), "paper": dict(zip(t.paper_columns, r.paper)),
+              "rows": [{"label": _row_label(r, table, config), "paper": dict(zip(t.paper_columns, r.paper)),
                         "ours": {c or "synthetic": results[p] for c, p in zip(t.columns, r.plans)}} for r in t.rows],
               "reference": reference, "stages": timings, "train_seconds": round(train_seconds, 1),
               "total_seconds": round(time.perf_counter() - t0, 1)}
