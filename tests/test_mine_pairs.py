@@ -291,3 +291,53 @@ def test_ground_truth_pairs_match_the_worlds_own(demo_setup, tmp_path):
     ours = {(Path(r.image).resolve(), r.text, json.dumps(r.mask)) for r in crops.read_pairs(tmp_path / "pairs.jsonl")}
     theirs = {(Path(r.image).resolve(), r.text, json.dumps(r.mask)) for r in crops.read_pairs(world / "pairs.jsonl")}
     assert ours == theirs and report["gt_pairs"] == len(theirs)
+
+
+# ------------------------------------------------------------------------------------ readers
+
+
+def test_coco_captions_reader(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    ann = {"images": [{"id": 7, "file_name": "b.jpg"}, {"id": 3, "file_name": "a.jpg"}],
+           "annotations": [{"image_id": 3, "caption": " A dog. "}, {"image_id": 7, "caption": "A cat"},
+                           {"image_id": 3, "caption": "Two dogs"}]}
+    (tmp_path / "annotations" / "captions_val2017.json").write_text(json.dumps(ann))
+    reader = mine_pairs.CocoCaptions(tmp_path, "val2017")
+    assert len(reader) == 2
+    assert reader.captions(0) == ("a.jpg", str(tmp_path / "val2017" / "a.jpg"), ["A dog.", "Two dogs"])
+    assert reader.captions(1) == ("b.jpg", str(tmp_path / "val2017" / "b.jpg"), ["A cat"])
+    (tmp_path / "annotations" / "captions_val2017.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(ValueError, match="captions_val2017.json: not a COCO captions file"):
+        mine_pairs.CocoCaptions(tmp_path, "val2017")
+    with pytest.raises(Exception, match="captions_train2017.json: COCO captions file not found"):
+        mine_pairs.CocoCaptions(tmp_path, "train2017")
+
+
+class _FakeTfdsCaptions:
+    """`TfdsCaptionSource`'s interface (ovseg_jax.data.tfds) over the demo world's first images."""
+
+    def __init__(self, split, data_dir=None):
+        self.world = Path(data_dir)
+        self.items = pipeline.read_captions(self.world / "captions.jsonl")[:3]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        image, caption = self.items[i]
+        return {"image": np.asarray(Image.open(image).convert("RGB")), "captions": [caption, "a sand"],
+                "id": str(100 + i), "filename": f"COCO_val2014_{100 + i:012d}.jpg"}
+
+
+def test_tfds_captions_write_the_images_they_pair(demo_setup, tmp_path, monkeypatch):
+    from ovseg_jax.data import tfds as tfds_sources
+
+    out, models, make = demo_setup
+    monkeypatch.setattr(tfds_sources, "TfdsCaptionSource", _FakeTfdsCaptions)
+    config = make(**{"data.kind": "tfds", "data.split": "val", "data.data_dir": str(out / "world"), "agreement": ""})
+    report = mine_pairs.run(config, tmp_path, models=models)
+    rows = _rows(tmp_path / "pairs.jsonl")
+    assert report["items"] == {"caption": 3} and len(rows) == report["pairs"] > 0
+    assert {r["image"] for r in rows} <= {f"images/COCO_val2014_{100 + i:012d}.jpg" for i in range(3)}
+    for r in rows:
+        assert np.asarray(Image.open(tmp_path / r["image"])).shape == (64, 64, 3)
