@@ -864,12 +864,11 @@ def draw_histogram(kept: Sequence[int], rejected: Sequence[int], score_range: tu
     lo, hi = score_range
     for k, (a, r) in enumerate(zip(kept, rejected)):
         x0, x1 = left + k * bw, left + (k + 1) * bw - 1
-        y_r = bottom_y = h - bottom
+        y = h - bottom  # rejected at the bottom, kept stacked on top
         for count, colour in ((r, (160, 160, 160)), (a, (60, 160, 80))):
             height = count / peak * (h - top - bottom)
-            draw.rectangle([x0, y_r - height, x1, y_r], fill=colour)
-            y_r -= height
-        del bottom_y
+            draw.rectangle([x0, y - height, x1, y], fill=colour)
+            y -= height
     tx = left + (threshold - lo) / (hi - lo) * (w - left - right)
     draw.line([tx, top, tx, h - bottom], fill=(220, 40, 40), width=2)
     draw.line([left, h - bottom, w - right, h - bottom], fill="black")
