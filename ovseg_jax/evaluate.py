@@ -675,9 +675,9 @@ def draw_iou_chart(iou: Mapping[str, float | None], unseen: Iterable[str], path:
 
 DATASETS = {"ade150": "ade20k_150", "ade847": "ade20k_847", "pc59": "pascal_context_59", "pc459": "pascal_context_459",
             "voc20": "pascal_voc_20", "synthetic": "synthetic"}
-# Reference 0: mask threshold and test size of each released model, by its segmenter's backbone.
-MODEL_DEFAULTS = {"swin": {"mask_threshold": 0.4, "short": 640, "max_size": 2560},
-                  "resnet": {"mask_threshold": 0.5, "short": 512, "max_size": 2048}}
+# Reference 0: the mask threshold of each released model, by its segmenter's backbone (the test
+# size per backbone is `predict.RESIZE`).
+MASK_THRESHOLD = {"swin": 0.4, "resnet": 0.5}
 MODES = ("ensemble", "segmenter", "clip")
 
 
@@ -686,9 +686,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="OVSeg checkpoint (segmenter + CLIP: a released .pth, our "
                    "merged file) or a segmenter training workdir")
-    p.add_argument("--clip", help="the CLIP (file or workdir) when --checkpoint holds none")
-    p.add_argument("--tokenizer", help="tokenizer directory or OpenAI's bpe_simple_vocab_16e6.txt.gz (synthetic: "
-                   "ROOT/tokenizer)")
+    p.add_argument("--tokenizer", help="tokenizer directory or OpenAI's bpe_simple_vocab_16e6.txt.gz (default: "
+                   "the workdir run's, or one beside the checkpoint; synthetic: ROOT/tokenizer)")
     p.add_argument("--dataset", required=True, help=f"{' | '.join(DATASETS)} (or a registry name)")
     p.add_argument("--root", help="datasets root (default $DETECTRON2_DATASETS, else ./datasets; synthetic: the world)")
     p.add_argument("--split", default="val")
@@ -697,7 +696,7 @@ def _parser() -> argparse.ArgumentParser:
                    "CLIP only")
     p.add_argument("--ensemble-weight", type=float, help="λ (default per dataset: 0.7 / 0.6 / 0.45)")
     p.add_argument("--mask-threshold", type=float, help="default per model: 0.4 Swin-B, 0.5 R101c")
-    p.add_argument("--templates", help="vild | single | imagenet80, or templates with {} separated by '|'")
+    p.add_argument("--templates", help="vild | single | imagenet80, or templates with {} separated by ';'")
     p.add_argument("--no-mask-prompts", action="store_true", help="plain CLIP forward on the crops")
     p.add_argument("--crop", choices=("masked", "box"), default="masked", help="appendix A: masked or plain box crops")
     p.add_argument("--short", type=int, help="test short side (default per model: 640 Swin-B, 512 R101c)")
@@ -724,24 +723,15 @@ def _dataset(name: str):
                          f"or a registry name ({', '.join(registry.names())})") from None
 
 
-def _templates(text: str | None, default):
-    from ovseg_jax.text import TEMPLATE_SETS, templates  # noqa: PLC0415
-
-    if text is None:
-        return default
-    return text if text in TEMPLATE_SETS else list(templates(text.split("|")))
-
-
 def _load(args, root: str | None):
-    import ovseg_jax.clip  # noqa: PLC0415
-    import ovseg_jax.segmenter  # noqa: PLC0415
+    """(Segmenter, Clip) of `--checkpoint` through `predict.load_predictor`."""
+    from ovseg_jax.predict import load_predictor  # noqa: PLC0415
 
     tokenizer = args.tokenizer
     if tokenizer is None and args.dataset == "synthetic" and (Path(root) / "tokenizer").is_dir():
         tokenizer = str(Path(root) / "tokenizer")
-    segmenter = ovseg_jax.segmenter.load(args.checkpoint)
-    clip = ovseg_jax.clip.load(args.clip or args.checkpoint, tokenizer=tokenizer)
-    return segmenter, clip
+    loaded = load_predictor(args.checkpoint, tokenizer)
+    return loaded.segmenter, loaded.clip
 
 
 def run(argv: Sequence[str] | None = None, models: tuple | None = None) -> dict:
@@ -776,7 +766,11 @@ def run(argv: Sequence[str] | None = None, models: tuple | None = None) -> dict:
     unseen = unseen_classes(spec.name, names, root)
     segmenter, clip = models or _load(args, root)
 
-    model = dict(MODEL_DEFAULTS.get(segmenter.config.backbone, MODEL_DEFAULTS["swin"]), bucket=128, templates="vild")
+    from ovseg_jax.predict import BUCKET, RESIZE, parse_templates  # noqa: PLC0415
+
+    backbone = segmenter.config.backbone
+    model = {"mask_threshold": MASK_THRESHOLD.get(backbone, 0.4), "short": RESIZE.get(backbone, RESIZE["swin"])[0],
+             "max_size": RESIZE.get(backbone, RESIZE["swin"])[1], "bucket": BUCKET, "templates": "vild"}
     if spec.name == "synthetic":  # the demo's evaluation settings (configs/synthetic.py)
         from ovseg_jax.demo import load_config  # noqa: PLC0415
 
@@ -790,7 +784,7 @@ def run(argv: Sequence[str] | None = None, models: tuple | None = None) -> dict:
     short = args.short or model["short"]
     max_size = args.max_size or model["max_size"]
     bucket = args.bucket or model["bucket"]
-    templates = _templates(args.templates, model["templates"])
+    templates = model["templates"] if args.templates is None else parse_templates(args.templates)
     predictor = Predictor(segmenter, clip, mask_threshold=settings[0].mask_threshold,
                           ensemble_weight=settings[0].ensemble_weight, mask_prompts=not args.no_mask_prompts,
                           templates=templates, crop=args.crop)

@@ -221,7 +221,7 @@ def test_box_crops_reach_clip_through_the_predictor(demo):
 
 @pytest.mark.parametrize("flags,check", [
     (["--mode", "segmenter"], lambda r: r["setting"]["ensemble_weight"] is None),
-    (["--mode", "clip", "--crop", "box", "--no-mask-prompts", "--templates", "a {}|the {}"],
+    (["--mode", "clip", "--crop", "box", "--no-mask-prompts", "--templates", "a {};the {}"],
      lambda r: r["setting"]["ensemble_weight"] == 0 and r["setting"]["crop"] == "box"
      and r["setting"]["mask_prompts"] is False),
     (["--tta", "flip", "--tta-scales", "0.75,1", "--sweep", "lambda=0.5,1"],
