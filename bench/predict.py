@@ -151,14 +151,15 @@ def main() -> None:
     import ovseg_jax.segmenter as oseg
     from ovseg_jax.data.sources import read_image
     from ovseg_jax.data.transforms import resize_image, resized_hw
+    from ovseg_jax.compilation import CompileTimer
     from ovseg_jax.ensemble import Predictor
-    from ovseg_jax.predict import CompileCounter, predict_files
+    from ovseg_jax.predict import predict_files
 
     preset = PRESETS[args.preset]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t_seg, t_clip, tok_dir, seg_dir, clip_file = build_models(preset, tmp)
-        with CompileCounter() as load_compiles:
+        with CompileTimer() as load_compiles:
             t0 = time.perf_counter()
             clip = oclip.load(clip_file, tokenizer=tok_dir)
             segmenter = oseg.load(seg_dir, clip_dim=clip.config.embed_dim)

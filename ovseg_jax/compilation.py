@@ -4,6 +4,7 @@
     with CompileTimer() as timer:
         train.run(stage, workdir)
     timer.seconds                               # tracing + lowering + XLA compilation, in seconds
+    timer.count                                 # XLA compilations (a persistent-cache hit is none)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import jax
 from jax import monitoring
 
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
 _active: list["CompileTimer"] = []
@@ -35,13 +37,16 @@ def _listener(event: str, duration: float, **kwargs) -> None:
     if event in _COMPILE_EVENTS:
         for timer in _active:
             timer.seconds += duration
+            timer.count += event == _BACKEND_COMPILE
 
 
 class CompileTimer:
-    """Context manager summing JAX's tracing, lowering and compilation time (seconds) in its block."""
+    """Context manager summing JAX's tracing, lowering and compilation time (`seconds`) in its block
+    and counting its XLA compilations (`count`)."""
 
     def __init__(self):
         self.seconds = 0.0
+        self.count = 0
 
     def __enter__(self) -> "CompileTimer":
         global _listening

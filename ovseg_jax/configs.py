@@ -79,6 +79,7 @@ TRAINER = {
     "task": Field((str,)), "seed": Field((int,), 0), "dtype": Field((str,), "float32"),
     "total_steps": Field((int,)), "batch_size": Field((int,)),  # global batch
     "log_every": Field((int,), 50), "eval_every": Field((int,), 0), "init_from": Field((str,), ""),
+    "profile_steps": Field((int,), 0),  # > 0: a jax.profiler trace of that many steps under workdir/profile
     "allow_config_change": Field((bool,), False),  # resume a workdir whose saved config differs
     "mesh": Field(SEQ, (("data", -1), ("model", 1))),
     "sharding": Section({"rules": Field(SEQ, ()), "fsdp_min_size": Field((int, type(None)), 2**22)}),
@@ -128,7 +129,7 @@ DATA_KINDS = {"clip": ("clip_pairs", "captions", "python"), "segmenter": ("segme
 
 # Fields that may differ when a run resumes: they change how it is logged, saved, laid out or
 # evaluated, not what it trains. Any other difference needs `allow_config_change`.
-RESUMABLE = ("log_every", "eval_every", "eval", "checkpoint", "mesh", "sharding", "data.num_workers",
+RESUMABLE = ("log_every", "eval_every", "profile_steps", "eval", "checkpoint", "mesh", "sharding", "data.num_workers",
              "allow_config_change")
 _HINTS = {"optim.schedule.total_steps": " (the schedule runs over config.total_steps; set that instead)"}
 
@@ -191,6 +192,7 @@ def _check_values(c, errors: list[str]) -> None:
             ("batch_size", c.get("batch_size"), lambda v: v > 0, "> 0"),
             ("log_every", c.get("log_every"), lambda v: v > 0, "> 0"),
             ("eval_every", c.get("eval_every"), lambda v: v >= 0, ">= 0 (0: no periodic evaluation)"),
+            ("profile_steps", c.get("profile_steps"), lambda v: v >= 0, ">= 0 (0: no profile)"),
             ("checkpoint.interval", c.checkpoint.get("interval"), lambda v: v >= 0, ">= 0 (0: only at the end)"),
             ("dtype", c.get("dtype"), lambda v: v in DTYPES, f"one of {DTYPES}"),
             ("optim.schedule.kind", c.optim.schedule.get("kind"), lambda v: v in SCHEDULES, f"one of {SCHEDULES}"),

@@ -7,7 +7,8 @@
 written out in the OVSeg layout with the frozen CLIP it was trained with); `--clip` is a CLIP-stage
 workdir or any checkpoint `ovseg_jax.clip.load` reads. Every CLIP key `k` present as
 `clip_adapter.clip_model.k` in the segmenter's `model` dict is overwritten; `visual.mask_embedding`
-is added when the CLIP has mask prompts (then evaluate with mask prompts on). The output is
+is added when the CLIP has mask prompts (then evaluate with mask prompts on), and
+`visual.vpt_embedding` when it has deep visual prompts (ovseg_jax's VPT baseline). The output is
 `{"model": {...}}` for torch.
 """
 
@@ -49,18 +50,19 @@ def merge(segmenter_path: str | Path, clip, out_path: str | Path) -> Path:
     if not any(k.startswith(PREFIX) for k in state):
         raise CheckpointError(f"{segmenter_path}: no {PREFIX}* keys; expected an OVSeg segmenter checkpoint")
     replaced = 0
-    for key, value in openai_state_dict(clip).items():
+    adapted = openai_state_dict(clip)
+    for key, value in adapted.items():
         target = PREFIX + key
         if target in state:
             if state[target].shape != value.shape:
                 raise CheckpointError(f"{segmenter_path}: {target} has shape {state[target].shape}; the "
                                       f"adapted CLIP's is {value.shape} (a different CLIP architecture?)")
             replaced += 1
-        elif key != "visual.mask_embedding":
+        elif key not in ("visual.mask_embedding", "visual.vpt_embedding"):
             continue
         state[target] = np.asarray(value, np.float32)
-    log.info("replaced %d CLIP tensors%s", replaced,
-             " and added visual.mask_embedding" if clip.config.mask_prompt_depth else "")
+    added = [k for k in ("visual.mask_embedding", "visual.vpt_embedding") if k in adapted]
+    log.info("replaced %d CLIP tensors%s", replaced, f" and added {', '.join(added)}" if added else "")
     model = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     write_torch_file({"model": model}, out_path)
     return Path(out_path)

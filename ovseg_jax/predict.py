@@ -39,6 +39,7 @@ from typing import Iterable, NamedTuple, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from ovseg_jax.compilation import CompileTimer
 from ovseg_jax.data import transforms
 from ovseg_jax.data.sources import BadExampleError, _rgb_uint8, read_image
 from ovseg_jax.ensemble import UNLABELED, Predictor, Segmentation, as_rgb_uint8, check_class_names
@@ -317,38 +318,6 @@ def _clock(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
-class CompileCounter:
-    """How many XLA compilations (and their seconds) ran inside the block (JAX monitoring events;
-    a persistent-cache hit is not a compilation)."""
-
-    _EVENT = "/jax/core/compile/backend_compile_duration"
-    _active: list["CompileCounter"] = []
-    _listening = False
-
-    def __init__(self):
-        self.count, self.seconds = 0, 0.0
-
-    @classmethod
-    def _listener(cls, event: str, duration: float, **kwargs) -> None:
-        del kwargs
-        if event == cls._EVENT:
-            for counter in cls._active:
-                counter.count += 1
-                counter.seconds += duration
-
-    def __enter__(self) -> "CompileCounter":
-        if not CompileCounter._listening:
-            from jax import monitoring  # noqa: PLC0415
-
-            monitoring.register_event_duration_secs_listener(CompileCounter._listener)
-            CompileCounter._listening = True
-        CompileCounter._active.append(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        CompileCounter._active.remove(self)
-
-
 def _write_outputs(out_dir: Path, item: Item, image: np.ndarray, segmentation: Segmentation,
                    class_names: list[str], settings: dict, side_by_side: bool) -> None:
     render(image, segmentation, class_names, side_by_side).save(out_dir / f"{item.stem}.overlay.png")
@@ -389,7 +358,7 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], class_names: list
                 "templates": predictor.templates if isinstance(predictor.templates, str) else list(predictor.templates),
                 "short": short, "max_size": max_size}
     done = 0
-    with CompileCounter() as compiles, concurrent.futures.ThreadPoolExecutor(2) as pool:
+    with CompileTimer() as compiles, concurrent.futures.ThreadPoolExecutor(2) as pool:
         writes: list[concurrent.futures.Future] = []
         upcoming = pool.submit(_load_batch, batches[0], short, max_size, bucket) if batches else None
         for i, batch in enumerate(batches):
@@ -482,7 +451,6 @@ def parse_templates(text: str) -> str | list[str]:
     return text if "{}" not in text else [t.strip() for t in text.split(";") if t.strip()]
 
 
-_templates = parse_templates  # the name ovseg_jax.serve imports
 
 
 def _check_args(args) -> None:

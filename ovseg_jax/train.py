@@ -260,7 +260,7 @@ class Trainer:
         jax.profiler trace of that many steps from the third step of this run, in `workdir/profile`."""
         hooks = [periodic_actions.ReportProgress(num_train_steps=end, writer=writer,
                                                  every_steps=self.config.log_every, every_secs=None)]
-        profile_steps = int(self.config.get("profile_steps", 0) or 0)
+        profile_steps = int(self.config.profile_steps)
         if profile_steps > 0 and self.workdir is not None and jax.process_index() == 0:
             hooks.append(periodic_actions.Profile(logdir=self.workdir / "profile", num_profile_steps=profile_steps,
                                                   profile_duration_ms=0, first_profile=start + 2,

@@ -43,3 +43,24 @@ def test_merge_rejects_a_file_without_clip(tmp_path):
     trainer = Trainer(tiny_config("ft"))
     with pytest.raises(CheckpointError, match="no model.clip_adapter.clip_model"):
         merge(tmp_path / "seg.pth", trainer.model(trainer.state["params"]), tmp_path / "out.pth")
+
+
+def test_merge_carries_deep_visual_prompts(tmp_path):
+    """The VPT baseline's `visual.vpt_embedding` is not in the original's checkpoint: merge adds it,
+    so the merged file evaluates with the prompts it was trained with."""
+    import dataclasses  # noqa: PLC0415
+
+    from flax import nnx  # noqa: PLC0415
+
+    from ovseg_jax.models.clip import CLIP  # noqa: PLC0415
+    from tests.train_helpers import TINY_CLIP  # noqa: PLC0415
+
+    vpt = CLIP(dataclasses.replace(TINY_CLIP, vpt_tokens=3, vpt_depth=2), rngs=nnx.Rngs(0))
+    adapted = openai_state_dict(vpt)
+    assert adapted["visual.vpt_embedding"].shape == (2, 3, TINY_CLIP.vision_width)
+    old = {f"clip_adapter.clip_model.{k}": torch.zeros(v.shape) for k, v in adapted.items()
+           if k != "visual.vpt_embedding"}
+    torch.save({"model": old}, tmp_path / "seg.pth")
+    merged = torch.load(merge(tmp_path / "seg.pth", vpt, tmp_path / "merged.pth"), weights_only=True)["model"]
+    np.testing.assert_array_equal(merged["clip_adapter.clip_model.visual.vpt_embedding"].numpy(),
+                                  adapted["visual.vpt_embedding"])
