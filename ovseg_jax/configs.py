@@ -288,7 +288,7 @@ def match_rules(table: str, rules: Iterable[Sequence] | None, paths: Iterable[st
             if rx.search(path):
                 out[path] = value
                 if log_matches:
-                    log.info("%s: %s <- %r (%s)", table, path, rx.pattern, value)
+                    log.debug("%s: %s <- %r (%s)", table, path, rx.pattern, value)
                 break
     return out
 
