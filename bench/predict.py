@@ -17,7 +17,8 @@ ovseg_jax: `ovseg_jax.predict.predict_files` (read, resize, bucket, batched devi
 overlay / labels / json), a first pass (compiling) and steady passes. torch: for each image, read,
 resize (the same PIL code), MaskFormer forward on the 32-padded image, then the original adapter's
 loop over the valid masks (box, crop, mean fill, normalise, bicubic 224), one CLIP call on the valid
-crops, the demo's per-class best proposal over hard masks, bilinear resize to the original size.
+crops (`bench/common.py`'s `torch_masks` and `torch_region_logits`, shared with `bench/inference.py`),
+the demo's per-class best proposal over hard masks, bilinear resize to the original size.
 Prints images/s, compiles, and the share of pixels whose label agrees (exact only with --bucket 32).
 """
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/torch_clip_reference.py
+from common import smooth_image, torch_clip, torch_maskformer, torch_masks, torch_region_logits  # bench/common.py
 
 NAMES = ["grass", "sky", "sand", "snow", "red car", "green tree", "blue water", "yellow flower", "person", "dog",
          "cat", "building", "road", "wall", "cloud", "boat", "bird", "horse", "chair", "table"]
@@ -58,24 +58,12 @@ THRESHOLD = 0.35
 def build_models(preset: dict, directory: Path):
     """Random torch MaskFormer + OpenAI-layout CLIP, saved into `directory` -> (torch segmenter, torch
     CLIP, tokenizer dir, segmenter dir, CLIP file)."""
-    import torch
-    from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation, SwinConfig
-
     from ovseg_jax.text import Tokenizer, write_word_vocab
-    from tests.torch_clip_reference import OpenAIClip
 
     write_word_vocab(["a"] + [w for n in NAMES for w in n.split()], directory / "tokenizer")
     tok = Tokenizer.from_dir(directory / "tokenizer", context_length=16)
-    torch.manual_seed(0)
-    swin = SwinConfig(image_size=224, drop_path_rate=0.0, out_features=["stage1", "stage2", "stage3", "stage4"],
-                      **preset["swin"])
-    config = MaskFormerConfig(backbone_config=swin, fpn_feature_size=preset["fpn"], mask_feature_size=preset["fpn"],
-                              num_labels=len(NAMES), decoder_config=dict(model_type="detr", encoder_layers=0,
-                                                                          dropout=0.0, **preset["decoder"]))
-    segmenter = MaskFormerForInstanceSegmentation(config).eval()
-    segmenter.save_pretrained(directory / "segmenter")
-    clip = OpenAIClip(context=16, vocab=tok.vocab_size, text_width=64, text_layers=1, **preset["clip"]).eval()
-    torch.save(clip.state_dict(), directory / "clip.pt")
+    segmenter = torch_maskformer(preset["swin"], preset["decoder"], preset["fpn"], len(NAMES), directory / "segmenter")
+    clip = torch_clip(preset["clip"], tok.vocab_size, directory / "clip.pt")
     return segmenter, clip, directory / "tokenizer", directory / "segmenter", directory / "clip.pt"
 
 
@@ -85,10 +73,8 @@ def write_images(directory: Path, sizes: list[tuple[int, int]], count: int) -> l
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        h, w = sizes[i % len(sizes)]
-        small = rs.randint(0, 256, (max(2, h // 16), max(2, w // 16), 3)).astype(np.uint8)
         paths.append(directory / f"img{i:03d}.png")
-        Image.fromarray(small).resize((w, h), Image.BILINEAR).save(paths[-1])
+        Image.fromarray(smooth_image(*sizes[i % len(sizes)], rs)).save(paths[-1])
     return paths
 
 
@@ -98,32 +84,13 @@ def torch_demo(segmenter, clip, bank, image: np.ndarray, original_hw: tuple[int,
     import torch
     import torch.nn.functional as F
 
-    from ovseg_jax.masked_crops import CLIP_FILL, CLIP_MEAN, CLIP_STD
-    from ovseg_jax.models.maskformer import PIXEL_MEAN, PIXEL_STD
-
     h, w = image.shape[:2]
-    img = torch.from_numpy(image).permute(2, 0, 1).float()
-    x = (img - torch.tensor(PIXEL_MEAN)[:, None, None]) / torch.tensor(PIXEL_STD)[:, None, None]
-    x = F.pad(x, (0, -w % 32, 0, -h % 32))[None]  # detectron2's ImageList: 0 in normalised space
-    masks = segmenter(pixel_values=x).masks_queries_logits
-    masks = F.interpolate(masks, scale_factor=4, mode="bilinear", align_corners=False)[0, :, :h, :w].sigmoid()
-    binary = masks > THRESHOLD
-    valid = binary.flatten(1).any(1).nonzero()[:, 0]
-    fill = torch.tensor(CLIP_FILL)[:, None, None]
-    mean, std = 255 * torch.tensor(CLIP_MEAN)[:, None, None], 255 * torch.tensor(CLIP_STD)[:, None, None]
-    regions, region_masks = [], []
-    for q in valid.tolist():  # the adapter's per-mask loop
-        rows, cols = binary[q].any(1).nonzero()[:, 0], binary[q].any(0).nonzero()[:, 0]
-        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        m = binary[q, y0:y1, x0:x1].float()
-        crop = ((img[:, y0:y1, x0:x1] * m + fill * (1 - m)) - mean) / std
-        regions.append(F.interpolate(crop[None], (size, size), mode="bicubic", align_corners=False))
-        region_masks.append(F.interpolate(m[None, None], (size, size), mode="nearest"))
+    binary = torch_masks(segmenter, image) > THRESHOLD
+    logits, valid = torch_region_logits(clip, bank, image, binary, size)
     c = bank.shape[0]
     scores = torch.zeros(c, h, w)
-    if regions:
-        feats = clip.encode_image(torch.cat(regions), torch.cat(region_masks))
-        probs = F.softmax(100 * F.normalize(feats, dim=-1) @ bank.T, dim=-1)  # [n_valid, C]
+    if len(valid):
+        probs = F.softmax(logits, dim=-1)  # [n_valid, C]
         select = torch.zeros_like(probs)
         for k in range(c):
             best = probs[:, k].argmax()

@@ -38,6 +38,11 @@ The pure array functions (`mask_probabilities`, `ensemble_class_probs`, `semanti
 `Predictor.proposals` / `Predictor.classify_crops`. Shapes are static: all Q proposals go through
 CLIP and the invalid ones (no pixel above the mask threshold) are masked out, instead of the
 original's data-dependent subset.
+
+`Predictor(..., clip_top_k=k)` (off by default: the paper runs CLIP on every valid proposal) runs
+CLIP on the k valid proposals the segmenter ranks highest (`proposal_ranking`) only, gathered into a
+static `[k, ...]` batch and scattered back; the other valid proposals are classified by the
+segmenter alone (`filtered_clip_logits`).
 """
 
 from __future__ import annotations
@@ -120,6 +125,38 @@ def ensemble_class_probs(pred_logits: jax.Array, clip_logits: jax.Array | None, 
         return jnp.where(valid, p_clip, 0.0)
     p_clip = jnp.where(valid, p_clip, 1.0)
     return p_mf ** (1.0 - ensemble_weight) * p_clip ** ensemble_weight
+
+
+def proposal_ranking(pred_logits: jax.Array, mask_probs: jax.Array) -> jax.Array:
+    """`[Q, C+1]` segmenter logits, `[Q, H, W]` mask probabilities -> `[Q]` ranking score of the
+    CLIP top-k filter: the segmenter's confidence `max_c p_mf[q, c]` times the soft mask area
+    `Σ M[q]` (pixels), an upper bound of the score mass the proposal can add to the map in the
+    segmenter-only prediction."""
+    confidence = jnp.max(jax.nn.softmax(pred_logits, axis=-1)[:, :-1], axis=-1)
+    return confidence * jnp.sum(mask_probs, axis=(-2, -1))
+
+
+def top_proposals(ranking: jax.Array, valid: jax.Array, k: int) -> jax.Array:
+    """`[Q]` ranking scores and valid flags -> `[k]` int32 indices of the k best valid proposals, in
+    increasing index order (invalid ones fill up only when fewer than k are valid)."""
+    _, chosen = jax.lax.top_k(jnp.where(valid, ranking, -jnp.inf), k)
+    return jnp.sort(chosen)
+
+
+def filtered_clip_logits(pred_logits: jax.Array, chosen: jax.Array, chosen_clip_logits: jax.Array) -> jax.Array:
+    """CLIP logits of the `chosen` proposals (`[k]` indices, `[k, C+1]` logits) scattered into the
+    segmenter's `[Q, C+1]` logits -> `[Q, C+1]` logits for the ensemble.
+
+    A valid proposal CLIP did not see thus gets the segmenter's class distribution in place of
+    CLIP's: `P_clip = softmax(pred_logits[:, :C])` (non-object column dropped before the softmax, as
+    for CLIP's logits), so its ensemble probability is `p_mf^(1-λ) · P_clip^λ = p_mf · (1 - p_no)^-λ`
+    (`p_no` the segmenter's non-object probability): the ensemble's value had CLIP agreed with the
+    segmenter, of the same scale as a CLIP-scored proposal's (plain `p_mf` would be smaller by
+    `(1 - p_no)^λ`, mostly dropping low-objectness proposals). With λ = 0 (CLIP only, the demo's
+    default) its probability is that distribution itself. Invalid proposals are unaffected
+    (`P_clip = 1`, or 0 when λ = 0, whatever their row holds).
+    """
+    return pred_logits.astype(chosen_clip_logits.dtype).at[chosen].set(chosen_clip_logits)
 
 
 def semantic_scores(class_probs: jax.Array, mask_probs: jax.Array) -> jax.Array:
@@ -226,14 +263,24 @@ def _segment(segmenter: Segmenter, images: jax.Array, text_bank: jax.Array, resi
 
 
 def _classify_crops(clip, image: jax.Array, mask_probs: jax.Array, text_bank: jax.Array, *, mask_threshold: float,
-                    mask_prompts: bool, crop: str = "masked") -> tuple[jax.Array, jax.Array]:
+                    mask_prompts: bool, crop: str = "masked", pred_logits: jax.Array | None = None,
+                    top_k: int | None = None) -> tuple[jax.Array, jax.Array]:
     """CLIP on the masked (or plain box, `crop="box"`) crops of one image (reference 1.8-1.9) ->
-    (`[Q, C+1]` logits with a zero non-object column, `[Q]` valid)."""
-    crops = masked_crops(image, mask_probs, threshold=mask_threshold, size=clip.config.image_size, crop=crop)
-    feats = clip.encode_image(crops.images, crops.region_masks if mask_prompts else None)
-    feats = feats / jnp.linalg.norm(feats, axis=-1, keepdims=True)
-    logits = TEMPERATURE * feats @ text_bank.T  # the non-object column is dropped by the ensemble
-    return jnp.concatenate([logits, jnp.zeros_like(logits[:, :1])], axis=-1), crops.valid
+    (`[Q, C+1]` logits with a zero non-object column, `[Q]` valid).
+
+    `top_k`: CLIP sees only the `top_k` valid proposals `proposal_ranking` puts first (needs the
+    segmenter's `[Q, C+1]` `pred_logits`); the others get `filtered_clip_logits`' rows."""
+    if top_k is None:
+        crops = masked_crops(image, mask_probs, threshold=mask_threshold, size=clip.config.image_size, crop=crop)
+        feats = clip.encode_image(crops.images, crops.region_masks if mask_prompts else None)
+        feats = feats / jnp.linalg.norm(feats, axis=-1, keepdims=True)
+        logits = TEMPERATURE * feats @ text_bank.T  # the non-object column is dropped by the ensemble
+        return jnp.concatenate([logits, jnp.zeros_like(logits[:, :1])], axis=-1), crops.valid
+    valid = (mask_probs > mask_threshold).any(axis=(-2, -1))
+    chosen = top_proposals(proposal_ranking(pred_logits, mask_probs), valid, min(top_k, mask_probs.shape[0]))
+    logits, _ = _classify_crops(clip, image, mask_probs[chosen], text_bank, mask_threshold=mask_threshold,
+                                mask_prompts=mask_prompts, crop=crop)
+    return filtered_clip_logits(pred_logits, chosen, logits), valid
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -241,17 +288,19 @@ def _proposals_jit(seg_graph, seg_state, images, text_bank, resized_hw):
     return _segment(nnx.merge(seg_graph, seg_state), images, text_bank, resized_hw)
 
 
-@functools.partial(jax.jit, static_argnames=("clip_graph", "mask_threshold", "mask_prompts", "crop"))
-def _crops_jit(clip_graph, clip_state, images, mask_probs, text_bank, *, mask_threshold, mask_prompts, crop):
+@functools.partial(jax.jit, static_argnames=("clip_graph", "mask_threshold", "mask_prompts", "crop", "top_k"))
+def _crops_jit(clip_graph, clip_state, images, mask_probs, pred_logits, text_bank, *, mask_threshold, mask_prompts,
+               crop, top_k):
     clip = nnx.merge(clip_graph, clip_state)
     return jax.lax.map(lambda a: _classify_crops(clip, a[0], a[1], text_bank, mask_threshold=mask_threshold,
-                                                 mask_prompts=mask_prompts, crop=crop), (images, mask_probs))
+                                                 mask_prompts=mask_prompts, crop=crop, pred_logits=a[2], top_k=top_k),
+                       (images, mask_probs, pred_logits))
 
 
 @functools.partial(jax.jit, static_argnames=("seg_graph", "clip_graph", "mask_threshold", "ensemble_weight",
-                                             "mask_prompts", "mode", "num_named", "crop"))
+                                             "mask_prompts", "mode", "num_named", "crop", "top_k"))
 def _scores_jit(seg_graph, seg_state, clip_graph, clip_state, images, text_bank, resized_hw, *, mask_threshold,
-                ensemble_weight, mask_prompts, mode, num_named, crop):
+                ensemble_weight, mask_prompts, mode, num_named, crop, top_k):
     """`[B, Hp, Wp, 3]` 0-255 -> `[B, Hp, Wp, C]` scores (zero outside each `resized_hw`)."""
     proposals = _segment(nnx.merge(seg_graph, seg_state), images, text_bank, resized_hw)
     clip = nnx.merge(clip_graph, clip_state)
@@ -262,7 +311,8 @@ def _scores_jit(seg_graph, seg_state, clip_graph, clip_state, images, text_bank,
         if ensemble_weight is None:
             return combine(one_image, None, None, ensemble_weight=None)
         clip_logits, valid = _classify_crops(clip, image, mask_probs, text_bank, mask_threshold=mask_threshold,
-                                             mask_prompts=mask_prompts, crop=crop)
+                                             mask_prompts=mask_prompts, crop=crop, pred_logits=pred_logits,
+                                             top_k=top_k)
         return combine(one_image, clip_logits, valid, ensemble_weight=ensemble_weight, mode=mode,
                        mask_threshold=mask_threshold, num_named=num_named)
 
@@ -347,12 +397,15 @@ class Predictor:
         resizes the image as reference 1.1 (PIL bilinear) and returns labels at the image's size.
         None: the image is the model input as given.
     max_pixels: larger model inputs are refused (ValueError) instead of allocating gigabytes.
+    clip_top_k: run CLIP on the k valid proposals the segmenter ranks highest only (see
+        `filtered_clip_logits` for the others); None (default): on all, as the paper.
     """
 
     def __init__(self, segmenter: Segmenter, clip: Clip, *, mask_threshold: float = 0.4,
                  ensemble_weight: float | None = 0.7, mask_prompts: bool = True,
                  templates: str | Sequence[str] = "vild", mode: str = "semantic",
-                 resize: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS, crop: str = "masked"):
+                 resize: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS, crop: str = "masked",
+                 clip_top_k: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} unknown; expected one of {MODES}")
         if crop not in CROPS:
@@ -362,7 +415,11 @@ class Predictor:
         if ensemble_weight is not None and not 0.0 <= ensemble_weight <= 1.0:
             raise ValueError(f"ensemble_weight must lie in [0, 1] (or be None); got {ensemble_weight}")
         self.segmenter, self.clip, self.templates, self.mode = segmenter, clip, templates, mode
+        if clip_top_k is not None and (isinstance(clip_top_k, bool) or not isinstance(clip_top_k, (int, np.integer))
+                                       or clip_top_k <= 0):
+            raise ValueError(f"clip_top_k must be a positive number of proposals (or None); got {clip_top_k!r}")
         self.mask_threshold, self.ensemble_weight, self.crop = mask_threshold, ensemble_weight, crop
+        self.clip_top_k = None if clip_top_k is None else int(clip_top_k)
         self.mask_prompts = mask_prompts and clip.config.mask_prompt_depth > 0
         self.resize = None if resize is None else _check_hw(resize, "resize (short, max_size)")
         self.max_pixels = max_pixels
@@ -421,17 +478,24 @@ class Predictor:
         return Proposals(*(x[0] for x in out)) if np.ndim(images) == 3 else out
 
     def classify_crops(self, images, mask_probs: jax.Array, class_names: Sequence[str],
-                       mask_threshold: float | None = None) -> tuple[jax.Array, jax.Array]:
+                       mask_threshold: float | None = None,
+                       pred_logits: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """CLIP on the masked crops of `proposals(...).mask_probs` -> (`[(B,) Q, C+1]` logits with a
-        zero non-object column, `[(B,) Q]` valid)."""
+        zero non-object column, `[(B,) Q]` valid). With `clip_top_k` set, `pred_logits`
+        (`proposals(...).pred_logits`) is required: the segmenter ranks the proposals, and the
+        rows CLIP skips are `filtered_clip_logits`'."""
+        if self.clip_top_k is not None and pred_logits is None:
+            raise ValueError("this Predictor has clip_top_k set: pass pred_logits=proposals.pred_logits to "
+                             "classify_crops (the segmenter's scores choose the proposals CLIP sees)")
         batch, _ = self._images(images, None)
         single = mask_probs.ndim == 3
+        add_batch = (lambda x: x[None]) if single else (lambda x: x)
         clip_graph, clip_state = nnx.split(self.clip.model)
-        logits, valid = _crops_jit(clip_graph, clip_state, jnp.asarray(batch, jnp.float32),
-                                   mask_probs[None] if single else mask_probs,
+        logits, valid = _crops_jit(clip_graph, clip_state, jnp.asarray(batch, jnp.float32), add_batch(mask_probs),
+                                   None if self.clip_top_k is None else add_batch(pred_logits),
                                    self.text_bank(check_class_names(class_names)),
                                    mask_threshold=self.mask_threshold if mask_threshold is None else mask_threshold,
-                                   mask_prompts=self.mask_prompts, crop=self.crop)
+                                   mask_prompts=self.mask_prompts, crop=self.crop, top_k=self.clip_top_k)
         return (logits[0], valid[0]) if single else (logits, valid)
 
     # -- predictions -------------------------------------------------------------------------
@@ -442,7 +506,7 @@ class Predictor:
         return _scores_jit(seg_graph, seg_state, clip_graph, clip_state, jnp.asarray(batch, jnp.float32),
                            self.text_bank(names), jnp.asarray(sizes), mask_threshold=self.mask_threshold,
                            ensemble_weight=self.ensemble_weight, mask_prompts=self.mask_prompts, mode=self.mode,
-                           num_named=num_named, crop=self.crop)
+                           num_named=num_named, crop=self.crop, top_k=self.clip_top_k)
 
     def scores(self, image, class_names: Sequence[str], resized_hw: tuple[int, int] | None = None) -> jax.Array:
         """`[Hp, Wp, 3]` uint8 resized (+ padded) image -> `[Hp, Wp, C]` scores (0 outside `resized_hw`).

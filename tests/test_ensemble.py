@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ovseg_jax.evaluate import ConfusionMatrix
-from ovseg_jax.ensemble import Proposals, combine, demo_scores, mask_probabilities, predict_labels
+from ovseg_jax.ensemble import (Proposals, combine, demo_scores, ensemble_class_probs, filtered_clip_logits,
+                                mask_probabilities, predict_labels, proposal_ranking, top_proposals)
 
 TOL = 1e-4
 Q, C = 7, 5
@@ -106,6 +107,61 @@ def test_demo_mode_with_ensemble_weight_picks_among_valid_proposals(outputs):
     got = combine(proposals, jnp.asarray(clip_logits), jnp.asarray(valid), ensemble_weight=weight, mode="demo",
                   mask_threshold=threshold)
     np.testing.assert_allclose(got, ref.numpy(), atol=TOL, rtol=TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLIP top-k filter
+
+
+def _probs_of(outputs):
+    pred_logits, mask_logits, clip_logits, valid = outputs
+    return pred_logits, np.asarray(mask_probabilities(jnp.asarray(mask_logits), (24, 36), jnp.asarray((22, 33)))), \
+        clip_logits, valid
+
+
+@pytest.mark.parametrize("weight", [0.7, 0.0])
+def test_clip_top_k_of_all_proposals_is_the_unfiltered_ensemble(outputs, weight):
+    pred_logits, mask_probs, clip_logits, valid = _probs_of(outputs)
+    chosen = top_proposals(proposal_ranking(jnp.asarray(pred_logits), jnp.asarray(mask_probs)), jnp.asarray(valid), Q)
+    np.testing.assert_array_equal(chosen, np.arange(Q))
+    logits = filtered_clip_logits(jnp.asarray(pred_logits), chosen, jnp.asarray(clip_logits)[chosen])
+    proposals = Proposals(jnp.asarray(pred_logits), jnp.asarray(mask_probs))
+    np.testing.assert_array_equal(
+        combine(proposals, logits, jnp.asarray(valid), ensemble_weight=weight),
+        combine(proposals, jnp.asarray(clip_logits), jnp.asarray(valid), ensemble_weight=weight))
+
+
+@pytest.mark.parametrize("weight", [0.7, 0.0])
+def test_proposals_clip_skips_get_the_segmenters_class_distribution(outputs, weight):
+    """k = 2 of the valid proposals, ranked by confidence x soft mask area: the chosen ones keep the
+    ensemble of the original; the other valid ones get `p_mf^(1-λ) · softmax(pred_logits[:C])^λ`
+    (CLIP only: `softmax(pred_logits[:C])`); invalid ones `p_mf^(1-λ)` (CLIP only: 0) as before."""
+    pred_logits, mask_probs, clip_logits, valid = _probs_of(outputs)
+    k = 2
+    p_all = torch.softmax(torch.from_numpy(pred_logits), -1).numpy()
+    ranking = p_all[:, :-1].max(1) * mask_probs.sum((1, 2), dtype=np.float64)
+    want_chosen = np.sort(np.flatnonzero(valid)[np.argsort(-ranking[valid])[:k]])
+    chosen = top_proposals(proposal_ranking(jnp.asarray(pred_logits), jnp.asarray(mask_probs)), jnp.asarray(valid), k)
+    np.testing.assert_array_equal(chosen, want_chosen)
+    logits = filtered_clip_logits(jnp.asarray(pred_logits), chosen, jnp.asarray(clip_logits)[chosen])
+    got = np.asarray(ensemble_class_probs(jnp.asarray(pred_logits), logits, jnp.asarray(valid), weight))
+
+    p_mf = p_all[:, :-1]
+    p_clip = torch.softmax(torch.from_numpy(clip_logits)[:, :-1], -1).numpy()
+    p_segmenter = torch.softmax(torch.from_numpy(pred_logits)[:, :-1], -1).numpy()
+    skipped = valid.copy()
+    skipped[want_chosen] = False
+    assert skipped.any() and (~valid).any()
+
+    def ensemble(rows, p_classifier):  # reference 1.7 step 5; λ = 0 is the original's CLIP-only mode
+        return p_classifier[rows] if weight == 0 else p_mf[rows] ** (1 - weight) * p_classifier[rows] ** weight
+
+    np.testing.assert_allclose(got[want_chosen], ensemble(want_chosen, p_clip), rtol=TOL, atol=1e-6)
+    np.testing.assert_allclose(got[skipped], ensemble(skipped, p_segmenter), rtol=TOL, atol=1e-6)
+    if weight:  # = the segmenter's probability scaled by its objectness^-λ
+        np.testing.assert_allclose(got[skipped], p_mf[skipped] * (1 - p_all[skipped, -1:]) ** -weight, rtol=TOL,
+                                   atol=1e-6)
+    np.testing.assert_allclose(got[~valid], p_mf[~valid] ** (1 - weight) if weight else 0.0, rtol=TOL, atol=1e-6)
 
 
 def test_predict_labels_resizes_to_the_original_size(outputs):
