@@ -1,6 +1,6 @@
 """Compilation: JAX's persistent compilation cache, and how many seconds a piece of work compiled.
 
-    enable_cache("outputs/demo/jax_cache")     # later runs load compiled steps from disk
+    enable_cache(default_cache_dir())           # later runs load compiled steps from disk
     with CompileTimer() as timer:
         train.run(stage, workdir)
     timer.seconds                               # tracing + lowering + XLA compilation, in seconds
@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import jax
@@ -19,6 +20,12 @@ _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/
                    "/jax/core/compile/backend_compile_duration")
 _active: list["CompileTimer"] = []
 _listening = False
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/ovseg_jax/jax_cache` (default `~/.cache/ovseg_jax/jax_cache`): where the
+    command-line tools keep JAX's persistent compilation cache unless told otherwise."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ovseg_jax" / "jax_cache"
 
 
 def enable_cache(directory: str | Path, min_compile_seconds: float = 0.5) -> Path:

@@ -19,6 +19,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from ovseg_jax.models.clip import ClipConfig
+from ovseg_jax.models.layers import REMAT
 
 log = logging.getLogger("ovseg_jax.train")
 
@@ -77,6 +78,10 @@ OPTIM = Section({
 
 TRAINER = {
     "task": Field((str,)), "seed": Field((int,), 0), "dtype": Field((str,), "float32"),
+    # How the model's stacks of identical blocks run (`ovseg_jax.models.layers.set_stack_options`),
+    # like dtype an execution choice: parameters and checkpoints are the same for every setting.
+    "scan_layers": Field((bool,), False),  # one jax.lax.scan per stack: the block compiles once
+    "remat": Field((str,), "none"),  # rematerialisation per block: "none", "block" or "dots"
     "total_steps": Field((int,)), "batch_size": Field((int,)),  # global batch
     "log_every": Field((int,), 50), "eval_every": Field((int,), 0), "init_from": Field((str,), ""),
     "profile_steps": Field((int,), 0),  # > 0: a jax.profiler trace of that many steps under workdir/profile
@@ -127,10 +132,10 @@ TASKS = {
 }
 DATA_KINDS = {"clip": ("clip_pairs", "captions", "python"), "segmenter": ("segmentation", "python")}
 
-# Fields that may differ when a run resumes: they change how it is logged, saved, laid out or
-# evaluated, not what it trains. Any other difference needs `allow_config_change`.
-RESUMABLE = ("log_every", "eval_every", "profile_steps", "eval", "checkpoint", "mesh", "sharding", "data.num_workers",
-             "allow_config_change")
+# Fields that may differ when a run resumes: they change how it is logged, saved, laid out,
+# computed or evaluated, not what it trains. Any other difference needs `allow_config_change`.
+RESUMABLE = ("log_every", "eval_every", "profile_steps", "scan_layers", "remat", "eval", "checkpoint", "mesh",
+             "sharding", "data.num_workers", "allow_config_change")
 _HINTS = {"optim.schedule.total_steps": " (the schedule runs over config.total_steps; set that instead)"}
 
 
@@ -195,6 +200,9 @@ def _check_values(c, errors: list[str]) -> None:
             ("profile_steps", c.get("profile_steps"), lambda v: v >= 0, ">= 0 (0: no profile)"),
             ("checkpoint.interval", c.checkpoint.get("interval"), lambda v: v >= 0, ">= 0 (0: only at the end)"),
             ("dtype", c.get("dtype"), lambda v: v in DTYPES, f"one of {DTYPES}"),
+            ("remat", c.get("remat"), lambda v: v in REMAT,
+             f"one of {REMAT} (none: keep all activations; block: recompute each block for the gradient; "
+             "dots: keep only the weight matmuls' outputs)"),
             ("optim.schedule.kind", c.optim.schedule.get("kind"), lambda v: v in SCHEDULES, f"one of {SCHEDULES}"),
             ("optim.schedule.warmup_steps", c.optim.schedule.get("warmup_steps"), lambda v: v >= 0, ">= 0")]:
         if value is not None and not isinstance(value, bool) and isinstance(value, (int, float, str)) and not ok(value):

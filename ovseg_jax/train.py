@@ -1,7 +1,11 @@
 """The generic trainer: `python -m ovseg_jax.train --config configs/vitl_mpt.py --workdir DIR`.
 
 Any config field can be overridden: `--config.optim.lr=1e-5 --config.total_steps=100`; a config
-file may take a variant string: `--config configs/synthetic.py:clip_ft`.
+file may take a variant string: `--config configs/synthetic.py:clip_ft`. Compiled steps are kept in
+JAX's persistent compilation cache (`--compile_cache`, default `~/.cache/ovseg_jax/jax_cache`;
+`--compile_cache=none` turns it off), so a restarted or resumed run skips most of its compilation.
+`config.scan_layers` / `config.remat` choose how the model's stacks of blocks run
+(`ovseg_jax.models.layers.set_stack_options`); they change neither parameters nor checkpoints.
 
 Train state (a dict, checkpointed by `ovseg_jax.checkpoint`): `params` (flat `{path: array}`,
 float32), `opt_state` (optax state over the trained parameters only), `step` (int32), `rng`
@@ -39,9 +43,10 @@ from ml_collections import config_flags
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ovseg_jax import checkpoint, configs, optim, sharding, tasks
+from ovseg_jax import checkpoint, compilation, configs, optim, sharding, tasks
 from ovseg_jax.checkpoint import Checkpointer, FlatTree
 from ovseg_jax.configs import ConfigError
+from ovseg_jax.models.layers import set_stack_options
 from ovseg_jax.metrics import train_collection
 from ovseg_jax.monitor import DropInfoFrom, create_writer, metric_writers, parameter_table, periodic_actions
 
@@ -87,6 +92,11 @@ def _put_global(value: Any, target: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
 
 
+def _abstract_global(value: Any, target: NamedSharding) -> jax.ShapeDtypeStruct:
+    """The shape, dtype and `target` sharding `_put_global` would give, without the array."""
+    return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=target)
+
+
 def to_global(batch: Mapping[str, np.ndarray], target: NamedSharding) -> dict[str, jax.Array]:
     """Per-process batch slices (leading axis) -> global arrays sharded as `target`."""
     return {k: jax.make_array_from_process_local_data(target, np.asarray(v)) for k, v in batch.items()}
@@ -95,10 +105,14 @@ def to_global(batch: Mapping[str, np.ndarray], target: NamedSharding) -> dict[st
 class Trainer:
     """Builds the model of `config.task`, the optimiser, the mesh and shardings; `fit` runs the loop.
 
-    `workdir=None` trains without checkpoints or TensorBoard logs (tests, benchmarks).
+    `workdir=None` trains without checkpoints or TensorBoard logs (tests, benchmarks). `model`
+    replaces the task's `build_model(config)`; an abstract one (`nnx.eval_shape`) gives a Trainer
+    whose `state` holds `jax.ShapeDtypeStruct`s with their shardings, so that
+    `train_step.lower(trainer.state, batch).compile()` allocates nothing (bench/memory.py); such a
+    Trainer cannot `fit`.
     """
 
-    def __init__(self, config, workdir: str | Path | None = None):
+    def __init__(self, config, workdir: str | Path | None = None, *, model: nnx.Module | None = None):
         configs.validate(config, data=False)
         self.config = config
         self.task = tasks.get(config.task)
@@ -106,7 +120,9 @@ class Trainer:
         if self.workdir is not None:
             check_resume(config, self.workdir)
         self.mesh = sharding.make_mesh(config.mesh)
-        model = self.task.build_model(config, dtype=DTYPES[config.dtype], rngs=nnx.Rngs(config.seed))
+        if model is None:
+            model = self.task.build_model(config, dtype=DTYPES[config.dtype], rngs=nnx.Rngs(config.seed))
+        set_stack_options(model, scan_layers=config.scan_layers, remat=config.remat)
         self.graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
         self.param_tree, self.state_tree = FlatTree(params), FlatTree(model_state)
         flat = self.param_tree.flatten(params)
@@ -136,16 +152,20 @@ class Trainer:
         self.state_shardings = {"params": self.param_shardings, **train_shardings}
         self.batch_sharding = sharding.batch_sharding(mesh)
 
-        params_g = {p: _put_global(v, self.param_shardings[p]) for p, v in flat.items()}
+        abstract = any(isinstance(v, jax.ShapeDtypeStruct) for v in flat.values())
+        put = _abstract_global if abstract else _put_global
+        params_g = {p: put(v, self.param_shardings[p]) for p, v in flat.items()}
         init_opt = jax.jit(self.tx.init, out_shardings=train_shardings["opt_state"])
         self.state = {
             "params": params_g,
-            "step": _put_global(np.int32(0), replicated),
-            "rng": _put_global(jax.random.key_data(jax.random.key(config.seed)), replicated),
-            "opt_state": init_opt({p: params_g[p] for p in self.trainable}),
+            "step": put(np.int32(0), replicated),
+            "rng": put(jax.random.key_data(jax.random.key(config.seed)), replicated),
+            "opt_state": (jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abstract,
+                                       train_shardings["opt_state"]) if abstract
+                          else init_opt({p: params_g[p] for p in self.trainable})),
         }
         if flat_state:
-            self.state["model_state"] = {p: _put_global(v, replicated) for p, v in flat_state.items()}
+            self.state["model_state"] = {p: put(v, replicated) for p, v in flat_state.items()}
         self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
                                   out_shardings=(self.state_shardings, replicated), donate_argnums=0)
         self.checkpointer = None
@@ -439,6 +459,10 @@ def run(config, workdir: str | Path) -> str:
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, optionally file.py:variant", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints and TensorBoard logs")
+_COMPILE_CACHE = flags.DEFINE_string(
+    "compile_cache", str(compilation.default_cache_dir()),
+    "JAX persistent compilation cache directory: a rerun or resumed run loads its compiled steps from it "
+    "('none' turns it off)")
 
 
 def main(argv: list[str]) -> None:
@@ -449,6 +473,8 @@ def main(argv: list[str]) -> None:
     sharding.initialize_distributed()
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config FILE[:variant] and --workdir DIR are required")
+    if _COMPILE_CACHE.value and _COMPILE_CACHE.value.lower() != "none":
+        log.info("compilation cache: %s", compilation.enable_cache(_COMPILE_CACHE.value))
     try:
         result = run(_CONFIG.value, _WORKDIR.value)
     except (NonFiniteLossError, FileNotFoundError, ConfigError) as e:

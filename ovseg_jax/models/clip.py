@@ -15,6 +15,10 @@ Deep visual prompt tuning (VPT-deep, Jia et al. 2022; the appendix's Table 4 bas
 replaced by `vpt_embedding[i]` at each later one; no positional embedding, no mask semantics).
 Blocks past `vpt_depth` carry the last prompts' outputs along. Mask prompts, if any, act on the
 patch tokens behind them.
+
+Both towers' blocks run as a loop or a `jax.lax.scan`, with optional rematerialisation
+(`ovseg_jax.models.layers.set_stack_options`); the prompts of each block are a scanned input, so
+the prompted and the plain blocks share one scanned body.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ovseg_jax.image_ops import resize_bicubic
-from ovseg_jax.models.layers import LN_EPS, MultiHeadAttention, Mlp, layer_norm
+from ovseg_jax.models.layers import LN_EPS, MultiHeadAttention, Mlp, Stack, layer_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +115,8 @@ class ResidualAttentionBlock(nnx.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class Transformer(nnx.Module):
-    """A stack of residual attention blocks (`resblocks`)."""
+class Transformer(Stack):
+    """A stack of residual attention blocks (`resblocks`), run as a loop or a scan (`Stack`)."""
 
     def __init__(self, width: int, layers: int, heads: int, mlp_dim: int, act: str, eps: float,
                  *, dtype, rngs):
@@ -120,9 +124,8 @@ class Transformer(nnx.Module):
                                                           rngs=rngs) for _ in range(layers)])
 
     def __call__(self, x: jax.Array, is_causal: bool = False) -> jax.Array:
-        for block in self.resblocks:
-            x = block(x, is_causal=is_causal)
-        return x
+        """`[B, L, W] -> [B, L, W]`."""
+        return self.run_stack(lambda block, x, _: (block(x, is_causal=is_causal), None), self.resblocks, x)[0]
 
 
 def patch_foreground(region_masks: jax.Array, patch: int, grid_hw: tuple[int, int]) -> jax.Array:
@@ -145,6 +148,14 @@ def resize_grid_tokens(tokens: jax.Array, src_hw: tuple[int, int], dst_hw: tuple
     grid = tokens.reshape(lead + tuple(src_hw) + tokens.shape[-1:])
     out = resize_bicubic(grid, dst_hw, axes=(-3, -2))
     return out.reshape(lead + (dst_hw[0] * dst_hw[1], tokens.shape[-1]))
+
+
+def _pad_layers(tokens: jax.Array, layers: int) -> tuple[jax.Array, jax.Array]:
+    """Per-block prompts `[d, T, W]` for the first d of `layers` blocks -> (`[layers, T, W]` zero
+    padded, `[layers]` bool: block i has a prompt)."""
+    d = tokens.shape[0]
+    padded = jnp.concatenate([tokens, jnp.zeros((layers - d,) + tokens.shape[1:], tokens.dtype)])
+    return padded, jnp.arange(layers) < d
 
 
 class VisionTransformer(nnx.Module):
@@ -203,13 +214,26 @@ class VisionTransformer(nnx.Module):
         x = jnp.concatenate([cls, x], axis=1) + self.positions((gh, gw)).astype(dtype)
         x = self.ln_pre(x)
         v = self.vpt_tokens  # the patch tokens start at 1 + v once the visual prompts are in
-        for i, block in enumerate(self.transformer.resblocks):
-            if i < self.vpt_depth:
-                deep = jnp.broadcast_to(self.vpt_embedding[i].astype(dtype), (n, v, w))
-                x = jnp.concatenate([x[:, :1], deep, x[:, 1 if i == 0 else 1 + v:]], axis=1)
+        layers = len(self.transformer.resblocks)
+        per_layer = {}
+        if v:  # block i < vpt_depth gets vpt_embedding[i] in place of the prompt tokens
+            x = jnp.concatenate([x[:, :1], jnp.zeros((n, v, w), dtype), x[:, 1:]], axis=1)
+            per_layer["vpt"] = _pad_layers(self.vpt_embedding[...].astype(dtype), layers)
+        if prompted:  # after block i, mask_prompts[i + 1] for i + 1 < depth
+            per_layer["mask"] = _pad_layers(prompts[1:], layers)
+
+        def step(block, x, prompt):
+            if "vpt" in prompt:
+                deep = jnp.broadcast_to(prompt["vpt"][0], (n, v, w))
+                x = jnp.concatenate([x[:, :1], jnp.where(prompt["vpt"][1], deep, x[:, 1:1 + v]), x[:, 1 + v:]], axis=1)
             x = block(x)
-            if prompted and i + 1 < self.mask_prompt_depth:
-                x = jnp.concatenate([x[:, :1 + v], jnp.where(fg, x[:, 1 + v:], prompts[i + 1])], axis=1)
+            if "mask" in prompt:
+                patches = x[:, 1 + v:]
+                masked = jnp.where(fg, patches, prompt["mask"][0])
+                x = jnp.concatenate([x[:, :1 + v], jnp.where(prompt["mask"][1], masked, patches)], axis=1)
+            return x, None
+
+        x, _ = self.transformer.run_stack(step, self.transformer.resblocks, x, per_layer)
         x = self.ln_post(x[:, 0])
         return x @ self.proj[...].astype(dtype)
 

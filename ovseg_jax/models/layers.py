@@ -1,4 +1,6 @@
-"""Shared building blocks: attention in PyTorch's fused `in_proj` layout, MLPs, DropPath.
+"""Shared building blocks: attention in PyTorch's fused `in_proj` layout, MLPs, DropPath, and
+`run_layers`, which applies a stack of identical blocks in a Python loop or a `jax.lax.scan`,
+with optional rematerialisation (`REMAT`).
 
 Conventions for every module in `ovseg_jax.models`:
 - NHWC images, `[B, L, D]` token sequences.
@@ -8,6 +10,8 @@ Conventions for every module in `ovseg_jax.models`:
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -159,9 +163,100 @@ class Mlp(nnx.Module):
         return fc2(activation(self.act)(fc1(x)))
 
 
-def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    """Stochastic depth: drop the whole residual branch per example. Identity when `rng` is None."""
-    if rate == 0.0 or rng is None:
+def drop_path(x: jax.Array, rate: float | jax.Array, rng: jax.Array | None) -> jax.Array:
+    """Stochastic depth: drop the whole residual branch per example. Identity when `rng` is None
+    (or `rate` is the number 0). `rate` may be a traced scalar (a scanned per-block rate)."""
+    if rng is None or (isinstance(rate, (int, float)) and rate == 0.0):
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+# ------------------------------------------------------------------ stacks of identical blocks
+
+# Rematerialisation policies (`jax.checkpoint`) for each block of a stack:
+# - "none": keep every activation the backward pass needs (fastest, most memory);
+# - "block": keep only each block's input and recompute the block in the backward pass
+#   (`nothing_saveable`; about one extra forward pass of compute);
+# - "dots": keep the outputs of the weight matmuls (dots without batch dimensions) and recompute
+#   the rest: norms, activations, attention logits and softmax (`dots_with_no_batch_dims_saveable`).
+REMAT = ("none", "block", "dots")
+_REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable,
+                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def check_stack_options(scan_layers: Any, remat: Any, where: str = "stack options") -> None:
+    """Raise a ValueError naming `where` (e.g. "config.remat") unless `scan_layers` is a bool and
+    `remat` one of `REMAT`."""
+    if not isinstance(scan_layers, bool):
+        raise ValueError(f"{where}: scan_layers must be true or false; got {scan_layers!r}")
+    if remat not in REMAT:
+        raise ValueError(f"{where}: remat must be one of {REMAT} (none: keep all activations; block: keep each "
+                         "block's input and recompute the block for the gradient; dots: keep the weight matmuls' "
+                         f"outputs, recompute the rest); got {remat!r}")
+
+
+def run_layers(step: Callable[[Any, Any, Any], tuple[Any, Any]], units: Sequence[Any], carry: Any,
+               per_layer: Any = None, *, scan: bool = False, remat: str = "none") -> tuple[Any, Any]:
+    """Apply a stack of blocks: `carry, y_i = step(units[i], carry, per_layer[i])` for each i.
+
+    `units`: modules (or tuples of modules, e.g. Swin's unshifted + shifted pair) of identical
+    structure; `per_layer`: a pytree of arrays with a leading axis of `len(units)` (what differs
+    between blocks: prompts, drop-path rates, PRNG keys) or None. Returns `(carry, ys)`, the `y_i`
+    stacked on a leading axis (None when `step` returns None).
+
+    `scan=False` unrolls a Python loop; `scan=True` runs one `jax.lax.scan` over the blocks'
+    parameters, stacked on a leading axis inside the computation (one copy of the stack's weights
+    per call), so the block is traced and compiled once. The parameters stay one module per block:
+    checkpoints, converters, sharding and optimiser rules see the same paths either way. `remat`
+    wraps each step in `jax.checkpoint` with the `REMAT` policy. `step` must not change module
+    state (it runs on a copy of each unit made by `nnx.merge`).
+    """
+    if not units:
+        return carry, None
+    splits = [nnx.split(unit) for unit in units]
+
+    def body_for(graphdef):
+        def body(carry, state_and_inputs):
+            state, inputs = state_and_inputs
+            return step(nnx.merge(graphdef, state), carry, inputs)
+        if remat == "none":
+            return body
+        return jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=not scan)
+
+    if scan:
+        graphdef = splits[0][0]
+        if any(g != graphdef for g, _ in splits[1:]):
+            raise ValueError(f"scan_layers: the {len(units)} blocks ({type(units[0]).__name__}) differ in "
+                             "structure or static attributes; they cannot share one scanned body")
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in splits))
+        return jax.lax.scan(body_for(graphdef), carry, (stacked, per_layer))
+    ys = []
+    for i, (graphdef, state) in enumerate(splits):
+        inputs = None if per_layer is None else jax.tree.map(lambda a: a[i], per_layer)
+        carry, y = body_for(graphdef)(carry, (state, inputs))
+        ys.append(y)
+    return carry, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))
+
+
+class Stack(nnx.Module):
+    """Base of the modules that hold a stack of identical blocks (CLIP's `Transformer`, a Swin
+    stage, the MaskFormer decoder). `scan_layers` / `remat` (class defaults: loop, no remat) choose
+    how `run_stack` applies the blocks; `set_stack_options` sets them on a whole model."""
+
+    scan_layers: bool = False
+    remat: str = "none"
+
+    def run_stack(self, step, units, carry, per_layer=None):
+        """`run_layers` with this stack's options."""
+        return run_layers(step, units, carry, per_layer, scan=self.scan_layers, remat=self.remat)
+
+
+def set_stack_options(model: nnx.Module, *, scan_layers: bool = False, remat: str = "none") -> nnx.Module:
+    """Set how every `Stack` inside `model` runs (in place) -> `model`. Execution only: parameters,
+    their paths and the outputs (to float rounding) are the same for every setting."""
+    check_stack_options(scan_layers, remat, "set_stack_options")
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, Stack):
+            module.scan_layers, module.remat = scan_layers, remat
+    return model

@@ -15,6 +15,10 @@ Behaviour of the reference kept here:
 - patch merging pads odd sizes and concatenates neighbours as x0 = [0::2, 0::2],
   x1 = [1::2, 0::2], x2 = [0::2, 1::2], x3 = [1::2, 1::2];
 - stochastic depth on both residual branches, rates linearly spaced over all blocks.
+
+A stage's blocks run as a loop or as a `jax.lax.scan` over (unshifted, shifted) pairs, an odd
+last block after it (`ovseg_jax.models.layers.set_stack_options`); drop-path rates and keys are
+per-block inputs, so the blocks of a parity share one structure.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from ovseg_jax.image_ops import resize_bicubic
-from ovseg_jax.models.layers import Mlp, dot_product_attention, drop_path, layer_norm, linear
+from ovseg_jax.models.layers import Mlp, Stack, dot_product_attention, drop_path, layer_norm, linear
 
 STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
@@ -167,18 +171,19 @@ class SwinBlock(nnx.Module):
     """(Shifted-)window attention block: `[B, H, W, C] -> [B, H, W, C]`."""
 
     def __init__(self, dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float,
-                 qkv_bias: bool, drop_path_rate: float, *, dtype, rngs: nnx.Rngs):
+                 qkv_bias: bool, *, dtype, rngs: nnx.Rngs):
         self.window = window
         self.shift = shift
-        self.drop_path_rate = drop_path_rate
         self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
         self.attn = WindowAttention(dim, window, num_heads, qkv_bias, dtype=dtype, rngs=rngs)
         self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act="gelu", dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None, keys: tuple | None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None, keys: jax.Array | None,
+                 drop_path_rate: float | jax.Array = 0.0) -> jax.Array:
         """`mask`: the stage's shifted-window mask (used only when this block shifts); `keys`:
-        two PRNG keys for stochastic depth, or None (deterministic)."""
+        `[2]` PRNG keys for stochastic depth, or None (deterministic); `drop_path_rate`: this
+        block's stochastic-depth rate (a number or a scalar array)."""
         b, h, w, c = x.shape
         ws, s = self.window, self.shift
         y = self.norm1(x)
@@ -192,8 +197,8 @@ class SwinBlock(nnx.Module):
             y = jnp.roll(y, (s, s), axis=(1, 2))
         y = y[:, :h, :w]
         k1, k2 = keys if keys is not None else (None, None)
-        x = x + drop_path(y, self.drop_path_rate, k1)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, k2)
+        x = x + drop_path(y, drop_path_rate, k1)
+        return x + drop_path(self.mlp(self.norm2(x)), drop_path_rate, k2)
 
 
 class PatchMerging(nnx.Module):
@@ -211,18 +216,20 @@ class PatchMerging(nnx.Module):
         return self.reduction(self.norm(x))
 
 
-class BasicLayer(nnx.Module):
+class BasicLayer(Stack):
     """One Swin stage: blocks (shift on odd ones) then optional patch merging.
 
-    `[B, H, W, C] -> (stage output [B, H, W, C], next stage input [B, H', W', C'])`.
+    `[B, H, W, C] -> (stage output [B, H, W, C], next stage input [B, H', W', C'])`. Block j's
+    stochastic-depth rate is `drop_path_rates[j]`.
     """
 
     def __init__(self, dim: int, depth: int, num_heads: int, cfg: SwinConfig,
                  drop_path_rates: list[float], downsample: bool, *, dtype, rngs: nnx.Rngs):
         self.window = cfg.window_size
+        self.drop_path_rates = tuple(float(r) for r in drop_path_rates)
         self.blocks = nnx.List([
             SwinBlock(dim, num_heads, cfg.window_size, 0 if j % 2 == 0 else cfg.window_size // 2,
-                      cfg.mlp_ratio, cfg.qkv_bias, drop_path_rates[j], dtype=dtype, rngs=rngs)
+                      cfg.mlp_ratio, cfg.qkv_bias, dtype=dtype, rngs=rngs)
             for j in range(depth)])
         self.downsample = PatchMerging(dim, dtype=dtype, rngs=rngs) if downsample else None
 
@@ -233,9 +240,23 @@ class BasicLayer(nnx.Module):
         mask = None
         if ws // 2:
             mask = jnp.asarray(shifted_window_mask(hp, wp, ws, ws // 2))
-        for block in self.blocks:
-            keys = None if rngs is None else (rngs.dropout(), rngs.dropout())
-            x = block(x, mask, keys)
+        depth = len(self.blocks)
+        rates = jnp.asarray(self.drop_path_rates, jnp.float32)
+        keys = None if rngs is None else jax.random.split(rngs.dropout(), (depth, 2))
+
+        def step(pair, x, inputs):  # an (unshifted, shifted) pair of blocks
+            for block, rate, key in zip(pair, inputs["rate"], inputs["keys"] if keys is not None else (None, None)):
+                x = block(x, mask, key, rate)
+            return x, None
+
+        pairs = depth // 2
+        units = [(self.blocks[2 * k], self.blocks[2 * k + 1]) for k in range(pairs)]
+        per_pair = {"rate": rates[:2 * pairs].reshape(pairs, 2)}
+        if keys is not None:
+            per_pair["keys"] = keys[:2 * pairs].reshape(pairs, 2, 2)
+        x, _ = self.run_stack(step, units, x, per_pair)
+        if depth % 2:  # an odd last block (unshifted) runs alone
+            x = self.blocks[-1](x, mask, None if keys is None else keys[-1], self.drop_path_rates[-1])
         return x, (x if self.downsample is None else self.downsample(x))
 
 

@@ -5,6 +5,9 @@ projected coarsest backbone feature, with learned queries and a fixed sine posit
     tgt = 0;  for each layer: self-attn -> cross-attn -> FFN, each + residual + LayerNorm
     hs[l] = norm(tgt after layer l)                          (one shared final LayerNorm)
 
+The layers run as a loop or a `jax.lax.scan` (`ovseg_jax.models.layers.set_stack_options`);
+each layer's dropout key is a per-layer input.
+
 Attribute names follow the OVSeg checkpoint under `sem_seg_head.predictor.`: `query_embed`,
 `input_proj`, and (under `transformer.decoder.`) `layers[i].{self_attn, multihead_attn, linear1,
 linear2, norm1, norm2, norm3}`, `norm`.
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ovseg_jax.models.layers import MultiHeadAttention, layer_norm, linear
+from ovseg_jax.models.layers import MultiHeadAttention, Stack, layer_norm, linear
 
 POS_TEMPERATURE = 10000
 POS_SCALE = 2 * math.pi
@@ -47,10 +50,10 @@ def sine_position_embedding(height: int, width: int, dim: int) -> np.ndarray:
     return np.concatenate([pos_y, pos_x], axis=-1).reshape(height * width, dim).astype(f32)
 
 
-def _dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
-    if rate == 0.0 or rngs is None:
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if rate == 0.0 or key is None:
         return x
-    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
@@ -68,22 +71,21 @@ class DecoderLayer(nnx.Module):
         self.norm3 = layer_norm(dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, tgt: jax.Array, memory: jax.Array, pos: jax.Array, query_pos: jax.Array, *,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
-        """tgt `[B, Q, D]`, memory `[B, N, D]`, pos `[N, D]`, query_pos `[Q, D]`; `rngs` (with a
-        `dropout` stream) turns dropout on, None is inference."""
-        def attn_rng():  # attention-weight dropout, as torch.nn.MultiheadAttention(dropout=...)
-            return rngs.dropout() if rngs is not None and self.dropout > 0 else None
-
+                 key: jax.Array | None = None) -> jax.Array:
+        """tgt `[B, Q, D]`, memory `[B, N, D]`, pos `[N, D]`, query_pos `[Q, D]`; a PRNG `key`
+        turns dropout on (attention weights, as torch.nn.MultiheadAttention(dropout=...), and the
+        three residual branches and the FFN), None is inference."""
+        keys = [None] * 6 if key is None or self.dropout == 0.0 else list(jax.random.split(key, 6))
         q = tgt + query_pos
-        out = self.self_attn.attend(q, q, tgt, dropout_rng=attn_rng())
-        tgt = self.norm1(tgt + _dropout(out, self.dropout, rngs))
-        out = self.multihead_attn.attend(tgt + query_pos, memory + pos, memory, dropout_rng=attn_rng())
-        tgt = self.norm2(tgt + _dropout(out, self.dropout, rngs))
-        ffn = self.linear2(_dropout(jax.nn.relu(self.linear1(tgt)), self.dropout, rngs))
-        return self.norm3(tgt + _dropout(ffn, self.dropout, rngs))
+        out = self.self_attn.attend(q, q, tgt, dropout_rng=keys[0])
+        tgt = self.norm1(tgt + _dropout(out, self.dropout, keys[1]))
+        out = self.multihead_attn.attend(tgt + query_pos, memory + pos, memory, dropout_rng=keys[2])
+        tgt = self.norm2(tgt + _dropout(out, self.dropout, keys[3]))
+        ffn = self.linear2(_dropout(jax.nn.relu(self.linear1(tgt)), self.dropout, keys[4]))
+        return self.norm3(tgt + _dropout(ffn, self.dropout, keys[5]))
 
 
-class TransformerDecoder(nnx.Module):
+class TransformerDecoder(Stack):
     """Queries + input projection + `num_layers` decoder layers + shared final LayerNorm.
 
     `__call__(features [B, h, w, in_channels]) -> [num_layers, B, num_queries, dim]`: every
@@ -124,8 +126,11 @@ class TransformerDecoder(nnx.Module):
         pos = jnp.asarray(sine_position_embedding(h, w, d), self.dtype)
         query_pos = self.query_embed.embedding[...].astype(self.dtype)
         tgt = jnp.zeros((b,) + query_pos.shape, self.dtype)
-        outputs = []
-        for layer in self.layers:
-            tgt = layer(tgt, memory, pos, query_pos, rngs=rngs)
-            outputs.append(self.norm(tgt))
-        return jnp.stack(outputs)
+        keys = None if rngs is None else jax.random.split(rngs.dropout(), len(self.layers))
+
+        def step(layer, tgt, key):
+            tgt = layer(tgt, memory, pos, query_pos, key=key)
+            return tgt, tgt
+
+        _, states = self.run_stack(step, self.layers, tgt, keys)  # [L, B, Q, D]
+        return self.norm(states)  # the shared final LayerNorm, per layer output
