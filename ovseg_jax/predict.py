@@ -319,7 +319,8 @@ def _clock(seconds: float) -> str:
 
 
 def _write_outputs(out_dir: Path, item: Item, image: np.ndarray, segmentation: Segmentation,
-                   class_names: list[str], settings: dict, side_by_side: bool) -> None:
+                   class_names: list[str], settings: dict, side_by_side: bool) -> str:
+    """Write the image's overlay, labels PNG and JSON -> a one-line account ("x.jpg: sky 52.9%, ...")."""
     render(image, segmentation, class_names, side_by_side).save(out_dir / f"{item.stem}.overlay.png")
     labels = label_image(segmentation.labels, len(class_names))
     labels.save(out_dir / f"{item.stem}.labels.png")
@@ -327,6 +328,10 @@ def _write_outputs(out_dir: Path, item: Item, image: np.ndarray, segmentation: S
               "labels_png": f"{item.stem}.labels.png", "labels_dtype": "uint8" if labels.mode == "L" else "uint16",
               "unlabeled_value": 255 if labels.mode == "L" else 65535}
     (out_dir / f"{item.stem}.json").write_text(json.dumps(record, indent=1))
+    shares = [f"{c['name']} {100 * c['share']:.1f}%" for c in record["classes"]]
+    if record["unlabeled_share"] > 0:
+        shares.append(f"unlabeled {100 * record['unlabeled_share']:.1f}%")
+    return f"{item.path.name}: {', '.join(shares)}"
 
 
 def _load_batch(batch: Batch, short: int, max_size: int, bucket: int) -> tuple[list, list[tuple[Path, str]]]:
@@ -346,7 +351,7 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], class_names: list
                   side_by_side: bool = False, progress: bool = True) -> dict:
     """Segment `paths` into `out_dir` (see the module docstring) -> the run's summary: `{"images",
     "skipped": [[path, reason]], "seconds", "images_per_second", "compiles", "compile_seconds",
-    "padded_shapes"}`."""
+    "padded_shapes", "per_image": ["x.jpg: sky 52.9%, ..."] (input order within each batch)}`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     batches, skipped = plan(paths, short=short, max_size=max_size, bucket=bucket, batch_size=batch_size)
@@ -357,7 +362,7 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], class_names: list
                 "mask_threshold": predictor.mask_threshold, "mask_prompts": predictor.mask_prompts,
                 "templates": predictor.templates if isinstance(predictor.templates, str) else list(predictor.templates),
                 "short": short, "max_size": max_size}
-    done = 0
+    done, per_image = 0, []
     with CompileTimer() as compiles, concurrent.futures.ThreadPoolExecutor(2) as pool:
         writes: list[concurrent.futures.Future] = []
         upcoming = pool.submit(_load_batch, batches[0], short, max_size, bucket) if batches else None
@@ -373,17 +378,16 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], class_names: list
                     writes.append(pool.submit(_write_outputs, out_dir, item, image, segmentation, class_names,
                                               settings, side_by_side))
             while len(writes) > 2 * batch_size:  # bound the images held in memory
-                writes.pop(0).result()
+                per_image.append(writes.pop(0).result())
             done += len(loaded)
             if bar:
                 bar.update(len(batch.items))
-        for write in writes:
-            write.result()
+        per_image.extend(write.result() for write in writes)
     seconds = time.perf_counter() - t0
     return {"images": done, "skipped": [[str(p), reason] for p, reason in skipped], "seconds": round(seconds, 2),
             "images_per_second": round(done / seconds, 3) if seconds > 0 else 0.0, "compiles": compiles.count,
             "compile_seconds": round(compiles.seconds, 2),
-            "padded_shapes": sorted({b.items[0].shape for b in batches})}
+            "padded_shapes": sorted({b.items[0].shape for b in batches}), "per_image": per_image}
 
 
 def _by_shape(loaded: list) -> list[list]:
@@ -394,13 +398,19 @@ def _by_shape(loaded: list) -> list[list]:
     return list(groups.values())
 
 
-def format_summary(summary: dict) -> str:
-    """The run's summary as a few printed lines."""
-    lines = [f"{summary['images']} images segmented, {len(summary['skipped'])} skipped, in {summary['seconds']:.1f} s "
-             f"({summary['images_per_second']:.2f} images/s); {summary['compiles']} compilations "
-             f"({summary['compile_seconds']:.1f} s) for {len(summary['padded_shapes'])} padded shapes "
+def format_summary(summary: dict, max_listed: int = 10) -> str:
+    """The run's summary as a few printed lines (each image's class shares too, up to `max_listed` images)."""
+    def count(n: int, noun: str) -> str:
+        return f"{n} {noun}{'' if n == 1 else 's'}"
+
+    lines = [f"{count(summary['images'], 'image')} segmented, {len(summary['skipped'])} skipped, in "
+             f"{summary['seconds']:.1f} s ({summary['images_per_second']:.2f} images/s); "
+             f"{count(summary['compiles'], 'compilation')} ({summary['compile_seconds']:.1f} s) for "
+             f"{count(len(summary['padded_shapes']), 'padded shape')} "
              + ", ".join(f"{h}x{w}" for h, w in summary["padded_shapes"])]
     lines += [f"  skipped {path}: {reason}" for path, reason in summary["skipped"]]
+    if len(summary["per_image"]) <= max_listed:
+        lines += [f"  {line}" for line in summary["per_image"]]
     return "\n".join(lines)
 
 
@@ -425,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", default="vild",
                    help="prompt templates: 'vild' (14), 'single', or your own with '{}', separated by ';'")
     p.add_argument("--no-mask-prompts", action="store_true", help="run CLIP without its mask prompts")
+    p.add_argument("--clip-top-k", type=int, default=None, metavar="K",
+                   help="CLIP on the K valid proposals the segmenter ranks highest only (default: all, as the paper)")
     p.add_argument("--short", type=int, default=None, help="short side of the model input (default 640; R101c 512)")
     p.add_argument("--max-size", type=int, default=None, help="long side cap (default 2560; R101c 2048)")
     p.add_argument("--bucket", type=int, default=BUCKET, help="pad sizes to multiples of this (compile buckets)")
@@ -478,7 +490,8 @@ def run(args) -> dict:
         from ovseg_jax.compilation import enable_cache  # noqa: PLC0415
 
         enable_cache(args.compile_cache, min_compile_seconds=0.0)  # model init compiles too
-    options = {"mode": args.mode, "mask_prompts": not args.no_mask_prompts, "templates": templates}
+    options = {"mode": args.mode, "mask_prompts": not args.no_mask_prompts, "templates": templates,
+               "clip_top_k": args.clip_top_k}
     if args.mask_threshold is not None:
         options["mask_threshold"] = args.mask_threshold
     if args.ensemble_weight is not _UNSET:

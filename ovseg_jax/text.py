@@ -69,7 +69,10 @@ OPENAI_NUM_MERGES = 49152 - 256 - 2  # merges used by OpenAI's tokenizer (48,894
 
 
 def templates(spec: str | Sequence[str]) -> tuple[str, ...]:
-    """Resolve a template set name ("vild", "single", "imagenet80") or pass a sequence of `{}` strings through."""
+    """Resolve a template set name ("vild", "single", "imagenet80"), one template ("a {}") or a
+    sequence of `{}` strings -> the templates."""
+    if isinstance(spec, str) and "{}" in spec:
+        spec = (spec,)
     if isinstance(spec, str):
         try:
             return TEMPLATE_SETS[spec]

@@ -104,6 +104,20 @@ def test_class_embeddings_are_the_template_ensemble(hf_pair):
     ref = unit(np.mean(per_template, axis=0))
     np.testing.assert_allclose(clip.class_embeddings(names, templates=templates), ref, atol=TOL)
     assert clip.class_embeddings(names).shape == (2, model.config.projection_dim)
+    # one template may be given as a plain string
+    np.testing.assert_array_equal(clip.class_embeddings(names, templates=templates[0]),
+                                  clip.class_embeddings(names, templates=templates[:1]))
+
+
+def test_template_specs():
+    from ovseg_jax.text import VILD_TEMPLATES, templates  # noqa: PLC0415
+
+    assert templates("vild") == VILD_TEMPLATES and len(VILD_TEMPLATES) == 14
+    assert templates("a {}") == ("a {}",) and templates(["a {}", "the {}."]) == ("a {}", "the {}.")
+    with pytest.raises(ValueError, match="unknown template set 'photo'"):
+        templates("photo")
+    with pytest.raises(ValueError, match="exactly one"):
+        templates(["a {} {}"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,6 +103,13 @@ def test_folder_of_mixed_files(run, folder):
         overlay_png = Image.open(out / f"{stem}.overlay.png")
         assert overlay_png.width >= w and overlay_png.height > h  # legend below
     assert not list(out.glob("broken*")) and not list(out.glob("notes*"))
+    # one printed line per image (few images): its file name and the JSON's shares in percent
+    listed = {line.split(":")[0]: line for line in summary["per_image"]}
+    assert sorted(listed) == sorted(p.name for p in folder[0].iterdir() if p.stem in good)
+    for name, line in listed.items():
+        first = json.loads((out / f"{Path(name).stem}.json").read_text())["classes"][0]
+        assert line.startswith(f"{name}: {first['name']} {100 * first['share']:.1f}%")
+    assert all(f"  {line}" in predict.format_summary(summary).splitlines() for line in summary["per_image"])
 
 
 def test_labels_png_equals_predictor_predict(run, folder, reference):
