@@ -167,14 +167,22 @@ def create_writer(logdir: str | Path | None = None) -> metric_writers.MetricWrit
 
 class DropInfoFrom(logging.Filter):
     """A logging filter that drops records below WARNING from modules whose path contains one of
-    `parts` (orbax's per-save INFO lines), keeping everyone else's INFO (clu's progress notes)."""
+    `parts` (orbax's per-save INFO lines), keeping everyone else's INFO (clu's progress notes), and
+    from those modules also the known-harmless warnings in `HARMLESS`."""
+
+    # orbax warns on every restore of a composite checkpoint's item, whose metadata lives one level up
+    HARMLESS = ("Metadata file does not exist",)
 
     def __init__(self, *parts: str):
         super().__init__()
         self.parts = parts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not any(p in record.pathname for p in self.parts)
+        if not any(p in record.pathname for p in self.parts):
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        return record.levelno > logging.WARNING or not str(record.msg).startswith(self.HARMLESS)
 
 
 @dataclasses.dataclass

@@ -199,3 +199,21 @@ def test_tensorboard_writer_without_tensorflow(tmp_path):
     assert (image.width, image.height) == (5, 4)
     with pytest.raises(ImportError, match="TensorBoardWriter"):
         monitor.metric_writers.SummaryWriter(str(tmp_path))
+
+
+def test_log_filter_drops_orbax_chatter_only():
+    import logging  # noqa: PLC0415
+
+    from ovseg_jax.monitor import DropInfoFrom  # noqa: PLC0415
+
+    keep = DropInfoFrom("/orbax/").filter
+
+    def record(path, level, msg):
+        return logging.LogRecord("absl", level, path, 1, msg, (), None)
+
+    orbax = "/site-packages/orbax/checkpoint/_src/metadata/checkpoint.py"
+    assert not keep(record(orbax, logging.INFO, "Saving checkpoint"))
+    assert not keep(record(orbax, logging.WARNING, "Metadata file does not exist: %s"))
+    assert keep(record(orbax, logging.WARNING, "Checkpoint step 3 is corrupt"))
+    assert keep(record(orbax, logging.ERROR, "Metadata file does not exist: %s"))
+    assert keep(record("/site-packages/clu/periodic_actions.py", logging.INFO, "Setting work unit notes"))
