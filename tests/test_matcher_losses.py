@@ -170,6 +170,51 @@ def test_losses_match_transformers(problem):
     assert float(total) == pytest.approx(expected_total, rel=1e-5)
 
 
+def _transformers_loss_and_grads(layers, t_masks, t_classes, num_labels):
+    """transformers' weighted total loss (1 CE + 20 focal + 1 dice per output) and its gradient
+    w.r.t. every output's pred_logits / pred_masks (numpy, in `layers` order)."""
+    matcher = MaskFormerHungarianMatcher(cost_class=1.0, cost_mask=20.0, cost_dice=1.0)
+    criterion = MaskFormerLoss(num_labels=num_labels, matcher=matcher, eos_coef=0.1,
+                               weight_dict={"loss_cross_entropy": 1.0, "loss_mask": 20.0, "loss_dice": 1.0})
+    logits = [torch.tensor(layer["pred_logits"], requires_grad=True) for layer in layers]
+    masks = [torch.tensor(layer["pred_masks"], requires_grad=True) for layer in layers]
+    aux = [{"masks_queries_logits": m, "class_queries_logits": c} for m, c in zip(masks[:-1], logits[:-1])]
+    losses = criterion(masks[-1], logits[-1], t_masks, t_classes, auxiliary_predictions=aux)
+    weight = {"loss_cross_entropy": 1.0, "loss_mask": 20.0, "loss_dice": 1.0}
+    total = sum(weight[k.rsplit("_", 1)[0] if k[-1].isdigit() else k] * v for k, v in losses.items())
+    total.backward()
+    return total.item(), [(c.grad.numpy(), m.grad.numpy()) for c, m in zip(logits, masks)]
+
+
+@pytest.mark.parametrize("full", [24, 21], ids=["target_4x_prediction", "non_integer_ratio"])
+def test_loss_value_and_gradient_match_transformers_with_many_padded_slots(full):
+    """More ground-truth slots than one chunk of the full-resolution loop, valid ones scattered
+    between padding; the target 4x the prediction (phase-wise upsample) or not a multiple of it
+    (matrix resize). Loss and gradient w.r.t. every output equal transformers' (torch autograd)."""
+    import jax
+
+    rs = np.random.RandomState(full)
+    batch, queries, gts = 3, 12, 9
+    layers = [dict(pred_logits=rs.randn(batch, queries, C + 1).astype(np.float32) * 2,
+                   pred_masks=rs.randn(batch, queries, PRED, PRED).astype(np.float32) * 3) for _ in range(2)]
+    valid = np.zeros((batch, gts), bool)
+    valid[0, [0, 3, 4, 8]] = True  # gaps and a valid last slot
+    valid[1, :7] = True  # more valid slots than one chunk (MASK_CHUNK = 4)
+    masks = (rs.rand(batch, gts, full, full) > 0.6).astype(np.uint8) * valid[..., None, None]
+    classes = np.where(valid, rs.randint(0, C, (batch, gts)), 0).astype(np.int32)
+    outputs = {**{k: jnp.asarray(v) for k, v in layers[-1].items()},
+               "aux": [{k: jnp.asarray(v) for k, v in layers[0].items()}]}
+    targets = {"masks": jnp.asarray(masks), "classes": jnp.asarray(classes), "valid": jnp.asarray(valid)}
+    ref_total, ref_grads = _transformers_loss_and_grads(
+        layers, [torch.from_numpy(masks[b][valid[b]]).float() for b in range(batch)],
+        [torch.from_numpy(classes[b][valid[b]]).long() for b in range(batch)], C)
+    total, grads = jax.jit(jax.value_and_grad(lambda o: maskformer_loss(o, targets)[0]))(outputs)
+    assert float(total) == pytest.approx(ref_total, rel=1e-5)
+    for got, (ref_logits, ref_masks) in zip([grads["aux"][0], grads], ref_grads):
+        np.testing.assert_allclose(got["pred_logits"], ref_logits, atol=1e-6, rtol=1e-4)
+        np.testing.assert_allclose(got["pred_masks"], ref_masks, atol=1e-6, rtol=1e-4)
+
+
 def test_loss_with_axis_name_equals_the_global_batch_loss(problem):
     """Split over a named data axis (vmap stands in for shard_map), the psum'd loss is the global one."""
     import jax
