@@ -5,6 +5,7 @@
     python -m ovseg_jax.evaluate ... --sweep lambda=0.6,0.65,...,0.8 --sweep threshold=0.35,0.4,0.45
     python -m ovseg_jax.evaluate ... --mode clip --crop box --no-mask-prompts     # appendix A
     python -m ovseg_jax.evaluate ... --tta flip --tta-scales 0.75,1.0,1.25
+    python -m ovseg_jax.evaluate ... --clip-top-k 25     # CLIP on the segmenter's 25 best proposals only
 
 Metrics have the original evaluator's math (reference 5): one confusion matrix over the whole
 dataset (rows = prediction, columns = ground truth, ignored pixels excluded); IoU for classes with
@@ -413,7 +414,8 @@ def batch_labels(predictor, batch: Sequence[dict], class_names: Sequence[str],
         images = np.stack([item["passes"][p][0] for item in batch])
         sizes = np.asarray([item["passes"][p][1] for item in batch], np.int32)
         proposals = predictor.proposals(images, class_names, resized_hw=sizes)
-        crops = {t: predictor.classify_crops(images, proposals.mask_probs, class_names, mask_threshold=t)
+        crops = {t: predictor.classify_crops(images, proposals.mask_probs, class_names, mask_threshold=t,
+                                             pred_logits=proposals.pred_logits)
                  for t in thresholds}
         passes.append((proposals, sizes, batch[0]["passes"][p][2], crops))
     out_hw = output_bucket(original)
@@ -590,9 +592,10 @@ def format_table(report: dict) -> str:
            if s["tta"]["flip"] or s["tta"]["scales"] != [1.0] else "")
     lines = [f"{report['dataset']} ({report['split']}): {report['images']} images in {report['seconds']:.1f} s"
              + (f", {report['skipped']} bad skipped" if report["skipped"] else ""),
-             f"{weight}, mask threshold {s['mask_threshold']:g}, {s['crop']} crops, mask prompts "
-             f"{'on' if s['mask_prompts'] else 'off'}, templates {s['templates']}, test size {s['short']}/{s['max_size']}"
-             + tta, ""]
+             f"{weight}, mask threshold {s['mask_threshold']:g}, {s['crop']} crops"
+             + (f" (CLIP on the top {s['clip_top_k']} proposals)" if s.get("clip_top_k") else "")
+             + f", mask prompts {'on' if s['mask_prompts'] else 'off'}, templates {s['templates']}, "
+             f"test size {s['short']}/{s['max_size']}" + tta, ""]
     n_unseen = len(report["unseen"])
     n_seen = len(report["IoU"]) - n_unseen
     lines.append(f"{'mIoU':>6} {'fwIoU':>6} {'mACC':>6} {'pACC':>6}  {'seen (' + str(n_seen) + ')':>11} "
@@ -699,6 +702,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", help="vild | single | imagenet80, or templates with {} separated by ';'")
     p.add_argument("--no-mask-prompts", action="store_true", help="plain CLIP forward on the crops")
     p.add_argument("--crop", choices=("masked", "box"), default="masked", help="appendix A: masked or plain box crops")
+    p.add_argument("--clip-top-k", type=int, metavar="K", help="CLIP on the K valid proposals the segmenter ranks "
+                   "highest only, the others classified by the segmenter (default: all, as the paper)")
     p.add_argument("--short", type=int, help="test short side (default per model: 640 Swin-B, 512 R101c)")
     p.add_argument("--max-size", type=int, help="test long-side cap (default 2560 Swin-B, 2048 R101c)")
     p.add_argument("--bucket", type=int, help="pad to multiples of this (one compilation per padded shape)")
@@ -750,7 +755,7 @@ def run(argv: Sequence[str] | None = None, models: tuple | None = None) -> dict:
                          + (", or the synthetic world's folder)" if spec.name == "synthetic" else ")"))
     if args.split not in spec.splits:
         raise ValueError(f"--split {args.split!r}: {spec.name} has {', '.join(spec.splits)}")
-    for flag in ("batch_size", "max_images", "short", "max_size", "bucket"):
+    for flag in ("batch_size", "max_images", "short", "max_size", "bucket", "clip_top_k"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive; got {getattr(args, flag)}")
     sweeps = parse_sweeps(args.sweep)
@@ -759,6 +764,8 @@ def run(argv: Sequence[str] | None = None, models: tuple | None = None) -> dict:
         raise ValueError(f"--tta-scales must be positive; got {args.tta_scales}")
     if args.mode != "ensemble" and "lambda" in sweeps:
         raise ValueError(f"--sweep lambda needs --mode ensemble (mode {args.mode} fixes λ)")
+    if args.mode == "segmenter" and args.clip_top_k is not None:
+        raise ValueError("--clip-top-k needs CLIP (mode ensemble or clip): the segmenter alone runs no crops")
     if args.mode == "segmenter" and "threshold" in sweeps:
         raise ValueError("--sweep threshold needs CLIP (mode ensemble or clip): the segmenter alone has no crops")
     source = spec.make_source(root, args.split)
@@ -787,7 +794,7 @@ def run(argv: Sequence[str] | None = None, models: tuple | None = None) -> dict:
     templates = model["templates"] if args.templates is None else parse_templates(args.templates)
     predictor = Predictor(segmenter, clip, mask_threshold=settings[0].mask_threshold,
                           ensemble_weight=settings[0].ensemble_weight, mask_prompts=not args.no_mask_prompts,
-                          templates=templates, crop=args.crop)
+                          templates=templates, crop=args.crop, clip_top_k=args.clip_top_k)
     result = evaluate(predictor, source, settings, ignore_value=spec.ignore_value, short=short, max_size=max_size,
                       bucket=bucket, batch_size=args.batch_size, tta=tta, max_images=args.max_images,
                       progress=not args.no_progress and jax.process_index() == 0, num_workers=args.num_workers)
@@ -799,6 +806,7 @@ def run(argv: Sequence[str] | None = None, models: tuple | None = None) -> dict:
         "seconds": round(result.seconds, 2), "images_per_second": round(result.images / result.seconds, 3),
         "setting": {"mode": args.mode, "ensemble_weight": best.ensemble_weight, "mask_threshold": best.mask_threshold,
                     "templates": templates, "crop": args.crop, "mask_prompts": predictor.mask_prompts,
+                    "clip_top_k": args.clip_top_k,
                     "backbone": segmenter.config.backbone, "short": short, "max_size": max_size, "bucket": bucket,
                     "batch_size": args.batch_size, "processes": jax.process_count(),
                     "devices": len(jax.devices()), "tta": {"scales": list(tta.scales), "flip": tta.flip}},

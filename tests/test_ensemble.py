@@ -124,7 +124,7 @@ def test_clip_top_k_of_all_proposals_is_the_unfiltered_ensemble(outputs, weight)
     pred_logits, mask_probs, clip_logits, valid = _probs_of(outputs)
     chosen = top_proposals(proposal_ranking(jnp.asarray(pred_logits), jnp.asarray(mask_probs)), jnp.asarray(valid), Q)
     np.testing.assert_array_equal(chosen, np.arange(Q))
-    logits = filtered_clip_logits(jnp.asarray(pred_logits), chosen, jnp.asarray(clip_logits)[chosen])
+    logits = filtered_clip_logits(chosen, jnp.asarray(clip_logits)[chosen], Q)
     proposals = Proposals(jnp.asarray(pred_logits), jnp.asarray(mask_probs))
     np.testing.assert_array_equal(
         combine(proposals, logits, jnp.asarray(valid), ensemble_weight=weight),
@@ -132,10 +132,10 @@ def test_clip_top_k_of_all_proposals_is_the_unfiltered_ensemble(outputs, weight)
 
 
 @pytest.mark.parametrize("weight", [0.7, 0.0])
-def test_proposals_clip_skips_get_the_segmenters_class_distribution(outputs, weight):
+def test_proposals_clip_skips_get_a_uniform_clip_distribution(outputs, weight):
     """k = 2 of the valid proposals, ranked by confidence x soft mask area: the chosen ones keep the
-    ensemble of the original; the other valid ones get `p_mf^(1-λ) · softmax(pred_logits[:C])^λ`
-    (CLIP only: `softmax(pred_logits[:C])`); invalid ones `p_mf^(1-λ)` (CLIP only: 0) as before."""
+    ensemble of the original; the other valid ones get `p_mf^(1-λ) · (1/C)^λ` (CLIP only: `1/C`);
+    invalid ones `p_mf^(1-λ)` (CLIP only: 0) as before."""
     pred_logits, mask_probs, clip_logits, valid = _probs_of(outputs)
     k = 2
     p_all = torch.softmax(torch.from_numpy(pred_logits), -1).numpy()
@@ -143,12 +143,12 @@ def test_proposals_clip_skips_get_the_segmenters_class_distribution(outputs, wei
     want_chosen = np.sort(np.flatnonzero(valid)[np.argsort(-ranking[valid])[:k]])
     chosen = top_proposals(proposal_ranking(jnp.asarray(pred_logits), jnp.asarray(mask_probs)), jnp.asarray(valid), k)
     np.testing.assert_array_equal(chosen, want_chosen)
-    logits = filtered_clip_logits(jnp.asarray(pred_logits), chosen, jnp.asarray(clip_logits)[chosen])
+    logits = filtered_clip_logits(chosen, jnp.asarray(clip_logits)[chosen], Q)
     got = np.asarray(ensemble_class_probs(jnp.asarray(pred_logits), logits, jnp.asarray(valid), weight))
 
     p_mf = p_all[:, :-1]
     p_clip = torch.softmax(torch.from_numpy(clip_logits)[:, :-1], -1).numpy()
-    p_segmenter = torch.softmax(torch.from_numpy(pred_logits)[:, :-1], -1).numpy()
+    uniform = np.full_like(p_clip, 1.0 / C)
     skipped = valid.copy()
     skipped[want_chosen] = False
     assert skipped.any() and (~valid).any()
@@ -157,10 +157,7 @@ def test_proposals_clip_skips_get_the_segmenters_class_distribution(outputs, wei
         return p_classifier[rows] if weight == 0 else p_mf[rows] ** (1 - weight) * p_classifier[rows] ** weight
 
     np.testing.assert_allclose(got[want_chosen], ensemble(want_chosen, p_clip), rtol=TOL, atol=1e-6)
-    np.testing.assert_allclose(got[skipped], ensemble(skipped, p_segmenter), rtol=TOL, atol=1e-6)
-    if weight:  # = the segmenter's probability scaled by its objectness^-λ
-        np.testing.assert_allclose(got[skipped], p_mf[skipped] * (1 - p_all[skipped, -1:]) ** -weight, rtol=TOL,
-                                   atol=1e-6)
+    np.testing.assert_allclose(got[skipped], ensemble(skipped, uniform), rtol=TOL, atol=1e-6)
     np.testing.assert_allclose(got[~valid], p_mf[~valid] ** (1 - weight) if weight else 0.0, rtol=TOL, atol=1e-6)
 
 
@@ -220,3 +217,15 @@ def test_seen_and_unseen_miou():
     # c: TP 2, FP 1, FN 0 -> 2/3; a: TP 1, FP 1, FN 1 -> 1/3; b: TP 2, FP 0, FN 1 -> 2/3
     assert m["mIoU_unseen"] == pytest.approx(100 * 2 / 3)
     assert m["mIoU_seen"] == pytest.approx(100 * (1 / 3 + 2 / 3) / 2)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(clip_top_k=0), "clip_top_k must be a positive number"),
+    (dict(clip_top_k=True), "clip_top_k must be a positive number"),
+    (dict(clip_top_k=4, mode="demo", ensemble_weight=0.0), "clip_top_k is for the semantic mode"),
+])
+def test_clip_top_k_settings_are_checked(kwargs, message):
+    from ovseg_jax.ensemble import Predictor
+
+    with pytest.raises(ValueError, match=message):
+        Predictor(None, None, **kwargs)  # refused before the models are looked at

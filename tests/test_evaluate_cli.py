@@ -219,6 +219,39 @@ def test_box_crops_reach_clip_through_the_predictor(demo):
     assert not np.allclose(np.asarray(masked_logits)[valid], np.asarray(logits)[valid], atol=1e-2)
 
 
+def test_clip_top_k_through_the_predictor(demo):
+    """k = Q is the paper's path exactly; k = 4: CLIP's logits for the 4 valid proposals of highest
+    segmenter confidence x mask area, zero logits (a uniform P_clip) for the other valid ones."""
+    from ovseg_jax.ensemble import combine
+
+    source = demo[3]
+    names = list(source.class_names)
+    item = next(iter(ev.PassExamples(source, short=128, max_size=512, bucket=32)))
+    image, hw, _ = item["passes"][0]
+    plain = _predictor(demo, ev.Setting(0.7, 0.4))
+    q = plain.segmenter.config.num_queries
+    every, top4 = (_predictor(demo, ev.Setting(0.7, 0.4), clip_top_k=k) for k in (q, 4))
+    np.testing.assert_array_equal(every.scores(image, names, resized_hw=hw), plain.scores(image, names, resized_hw=hw))
+
+    proposals = plain.proposals(image, names, resized_hw=hw)
+    all_logits, valid = map(np.asarray, plain.classify_crops(image, proposals.mask_probs, names))
+    with pytest.raises(ValueError, match="pass pred_logits"):
+        top4.classify_crops(image, proposals.mask_probs, names)
+    logits, valid4 = top4.classify_crops(image, proposals.mask_probs, names, pred_logits=proposals.pred_logits)
+    np.testing.assert_array_equal(valid4, valid)
+    pred = np.asarray(proposals.pred_logits, np.float64)
+    p = np.exp(pred - pred.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    ranking = np.where(valid, p[:, :-1].max(1) * np.asarray(proposals.mask_probs, np.float64).sum((1, 2)), -np.inf)
+    chosen = np.zeros(q, bool)
+    chosen[np.argsort(-ranking)[:4]] = True
+    assert (valid & ~chosen).any()
+    np.testing.assert_allclose(np.asarray(logits)[chosen], all_logits[chosen], atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(logits)[valid & ~chosen], 0.0)
+    np.testing.assert_allclose(top4.scores(image, names, resized_hw=hw),
+                               combine(proposals, logits, valid4, ensemble_weight=0.7), atol=1e-5)
+
+
 @pytest.mark.parametrize("flags,check", [
     (["--mode", "segmenter"], lambda r: r["setting"]["ensemble_weight"] is None),
     (["--mode", "clip", "--crop", "box", "--no-mask-prompts", "--templates", "a {};the {}"],
@@ -226,6 +259,8 @@ def test_box_crops_reach_clip_through_the_predictor(demo):
      and r["setting"]["mask_prompts"] is False),
     (["--tta", "flip", "--tta-scales", "0.75,1", "--sweep", "lambda=0.5,1"],
      lambda r: r["setting"]["tta"] == {"scales": [0.75, 1.0], "flip": True} and len(r["sweep"]["cells"]) == 2),
+    (["--clip-top-k", "4", "--sweep", "threshold=0.4,0.5"],
+     lambda r: r["setting"]["clip_top_k"] == 4 and len(r["sweep"]["cells"]) == 2),
 ])
 def test_cli_variants_run(demo, tmp_path, flags, check):
     out, segmenter, clip, _ = demo
@@ -233,6 +268,14 @@ def test_cli_variants_run(demo, tmp_path, flags, check):
                      str(out / "world"), "--max-images", "2", "--out", str(tmp_path), "--no-progress", *flags],
                     models=(segmenter, clip))
     assert report["images"] == 2 and 0 <= report["mIoU"] <= 100 and check(report)
+
+
+def test_clip_top_k_needs_clip(demo, tmp_path):
+    out, segmenter, clip, _ = demo
+    with pytest.raises(ValueError, match="--clip-top-k needs CLIP"):
+        ev.run(["--checkpoint", str(out / "ovseg_synthetic.pth"), "--dataset", "synthetic", "--root",
+                str(out / "world"), "--out", str(tmp_path), "--mode", "segmenter", "--clip-top-k", "4"],
+               models=(segmenter, clip))
 
 
 @pytest.mark.parametrize("args,message", [
