@@ -196,25 +196,26 @@ def check_stack_options(scan_layers: Any, remat: Any, where: str = "stack option
                          f"outputs, recompute the rest); got {remat!r}")
 
 
-def run_layers(step: Callable[[Any, Any, Any], tuple[Any, Any]], units: Sequence[Any], carry: Any,
+def run_layers(step: Callable[[Any, Any, Any], tuple[Any, Any]], blocks: Sequence[nnx.Module], carry: Any,
                per_layer: Any = None, *, scan: bool = False, remat: str = "none") -> tuple[Any, Any]:
-    """Apply a stack of blocks: `carry, y_i = step(units[i], carry, per_layer[i])` for each i.
+    """Apply a stack of blocks: `carry, y = step(block, carry, inputs)` for each block in order.
 
-    `units`: modules (or tuples of modules, e.g. Swin's unshifted + shifted pair) of identical
-    structure; `per_layer`: a pytree of arrays with a leading axis of `len(units)` (what differs
-    between blocks: prompts, drop-path rates, PRNG keys) or None. Returns `(carry, ys)`, the `y_i`
-    stacked on a leading axis (None when `step` returns None).
+    `blocks`: modules of identical structure and static attributes; `per_layer`: None or a pytree
+    of arrays with a leading axis of `len(blocks)` holding what differs between blocks (prompts,
+    Swin's shifts and drop-path rates, PRNG keys): block i gets `inputs = per_layer[i]`. Returns
+    `(carry, ys)`, the `y`s stacked on a leading axis (None when `step` returns None).
 
     `scan=False` unrolls a Python loop; `scan=True` runs one `jax.lax.scan` over the blocks'
     parameters, stacked on a leading axis inside the computation (one copy of the stack's weights
     per call), so the block is traced and compiled once. The parameters stay one module per block:
     checkpoints, converters, sharding and optimiser rules see the same paths either way. `remat`
-    wraps each step in `jax.checkpoint` with the `REMAT` policy. `step` must not change module
-    state (it runs on a copy of each unit made by `nnx.merge`).
+    wraps each block's step in `jax.checkpoint` with the `REMAT` policy. `step` must not change
+    module state (it runs on copies made by `nnx.merge`).
     """
-    if not units:
+    if not blocks:
         return carry, None
-    splits = [nnx.split(unit) for unit in units]
+    scan = scan and len(blocks) > 1  # a one-block scan is the loop (which has remat's CSE barriers)
+    splits = [nnx.split(block) for block in blocks]
 
     def body_for(graphdef):
         def body(carry, state_and_inputs):
@@ -227,16 +228,20 @@ def run_layers(step: Callable[[Any, Any, Any], tuple[Any, Any]], units: Sequence
     if scan:
         graphdef = splits[0][0]
         if any(g != graphdef for g, _ in splits[1:]):
-            raise ValueError(f"scan_layers: the {len(units)} blocks ({type(units[0]).__name__}) differ in "
+            raise ValueError(f"scan_layers: the {len(blocks)} blocks ({type(blocks[0]).__name__}) differ in "
                              "structure or static attributes; they cannot share one scanned body")
-        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in splits))
-        return jax.lax.scan(body_for(graphdef), carry, (stacked, per_layer))
+        return jax.lax.scan(body_for(graphdef), carry, (_stack([state for _, state in splits]), per_layer))
     ys = []
     for i, (graphdef, state) in enumerate(splits):
         inputs = None if per_layer is None else jax.tree.map(lambda a: a[i], per_layer)
         carry, y = body_for(graphdef)(carry, (state, inputs))
         ys.append(y)
-    return carry, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))
+    return carry, _stack(ys)
+
+
+def _stack(trees: list) -> Any:
+    """Stack equal pytrees leaf by leaf on a new leading axis (a list of None gives None)."""
+    return None if trees[0] is None else jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
 class Stack(nnx.Module):

@@ -16,9 +16,9 @@ Behaviour of the reference kept here:
   x1 = [1::2, 0::2], x2 = [0::2, 1::2], x3 = [1::2, 1::2];
 - stochastic depth on both residual branches, rates linearly spaced over all blocks.
 
-A stage's blocks run as a loop or as a `jax.lax.scan` over (unshifted, shifted) pairs, an odd
-last block after it (`ovseg_jax.models.layers.set_stack_options`); drop-path rates and keys are
-per-block inputs, so the blocks of a parity share one structure.
+A stage's blocks run as a loop or as one `jax.lax.scan` (`ovseg_jax.models.layers.set_stack_options`):
+the shift, the drop-path rate and the drop-path keys are per-block inputs, so every block of a stage
+has the same structure (under a scan the shift selects its branch with `lax.cond`).
 """
 
 from __future__ import annotations
@@ -170,35 +170,43 @@ class WindowAttention(nnx.Module):
 class SwinBlock(nnx.Module):
     """(Shifted-)window attention block: `[B, H, W, C] -> [B, H, W, C]`."""
 
-    def __init__(self, dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float,
-                 qkv_bias: bool, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, window: int, mlp_ratio: float, qkv_bias: bool, *, dtype,
+                 rngs: nnx.Rngs):
         self.window = window
-        self.shift = shift
         self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
         self.attn = WindowAttention(dim, window, num_heads, qkv_bias, dtype=dtype, rngs=rngs)
         self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act="gelu", dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None, keys: jax.Array | None,
-                 drop_path_rate: float | jax.Array = 0.0) -> jax.Array:
-        """`mask`: the stage's shifted-window mask (used only when this block shifts); `keys`:
-        `[2]` PRNG keys for stochastic depth, or None (deterministic); `drop_path_rate`: this
-        block's stochastic-depth rate (a number or a scalar array)."""
+                 drop_path_rate: float | jax.Array = 0.0, shift: int | jax.Array = 0) -> jax.Array:
+        """`mask`: the stage's shifted-window mask (used when this block shifts); `keys`: `[2]` PRNG
+        keys for stochastic depth, or None (deterministic); `drop_path_rate`: this block's
+        stochastic-depth rate; `shift`: 0 or `window // 2`. The last two are numbers, or scalar
+        arrays when the block runs inside a scan."""
         b, h, w, c = x.shape
-        ws, s = self.window, self.shift
+        ws = self.window
         y = self.norm1(x)
         y = jnp.pad(y, ((0, 0), (0, -h % ws), (0, -w % ws), (0, 0)))
-        hp, wp = y.shape[1:3]
-        if s:
-            y = jnp.roll(y, (-s, -s), axis=(1, 2))
-        y = self.attn(window_partition(y, ws), mask if s else None)
-        y = window_reverse(y, ws, hp, wp)
-        if s:
-            y = jnp.roll(y, (s, s), axis=(1, 2))
+        if isinstance(shift, (int, np.integer)):
+            y = self._window_attention(y, mask, int(shift))
+        else:
+            y = jax.lax.cond(shift > 0, lambda y: self._window_attention(y, mask, ws // 2),
+                             lambda y: self._window_attention(y, mask, 0), y)
         y = y[:, :h, :w]
         k1, k2 = keys if keys is not None else (None, None)
         x = x + drop_path(y, drop_path_rate, k1)
         return x + drop_path(self.mlp(self.norm2(x)), drop_path_rate, k2)
+
+    def _window_attention(self, y: jax.Array, mask: jax.Array | None, shift: int) -> jax.Array:
+        """Attention within the windows of the padded map `y [B, Hp, Wp, C]`, cyclically shifted by
+        `shift` (then with `mask`) or not."""
+        hp, wp = y.shape[1:3]
+        if shift:
+            y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
+        y = self.attn(window_partition(y, self.window), mask if shift else None)
+        y = window_reverse(y, self.window, hp, wp)
+        return jnp.roll(y, (shift, shift), axis=(1, 2)) if shift else y
 
 
 class PatchMerging(nnx.Module):
@@ -219,18 +227,17 @@ class PatchMerging(nnx.Module):
 class BasicLayer(Stack):
     """One Swin stage: blocks (shift on odd ones) then optional patch merging.
 
-    `[B, H, W, C] -> (stage output [B, H, W, C], next stage input [B, H', W', C'])`. Block j's
-    stochastic-depth rate is `drop_path_rates[j]`.
+    `[B, H, W, C] -> (stage output [B, H, W, C], next stage input [B, H', W', C'])`. Block j shifts
+    its windows by `shifts[j]` (0 or window // 2) and has stochastic-depth rate `drop_path_rates[j]`.
     """
 
     def __init__(self, dim: int, depth: int, num_heads: int, cfg: SwinConfig,
                  drop_path_rates: list[float], downsample: bool, *, dtype, rngs: nnx.Rngs):
         self.window = cfg.window_size
+        self.shifts = tuple(0 if j % 2 == 0 else cfg.window_size // 2 for j in range(depth))
         self.drop_path_rates = tuple(float(r) for r in drop_path_rates)
-        self.blocks = nnx.List([
-            SwinBlock(dim, num_heads, cfg.window_size, 0 if j % 2 == 0 else cfg.window_size // 2,
-                      cfg.mlp_ratio, cfg.qkv_bias, dtype=dtype, rngs=rngs)
-            for j in range(depth)])
+        self.blocks = nnx.List([SwinBlock(dim, num_heads, cfg.window_size, cfg.mlp_ratio, cfg.qkv_bias,
+                                          dtype=dtype, rngs=rngs) for _ in range(depth)])
         self.downsample = PatchMerging(dim, dtype=dtype, rngs=rngs) if downsample else None
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None) -> tuple[jax.Array, jax.Array]:
@@ -240,23 +247,15 @@ class BasicLayer(Stack):
         mask = None
         if ws // 2:
             mask = jnp.asarray(shifted_window_mask(hp, wp, ws, ws // 2))
-        depth = len(self.blocks)
-        rates = jnp.asarray(self.drop_path_rates, jnp.float32)
-        keys = None if rngs is None else jax.random.split(rngs.dropout(), (depth, 2))
+        # numpy: the loop sees plain numbers (static shifts); a scan turns them into arrays.
+        per_block = {"shift": np.asarray(self.shifts, np.int32), "rate": np.asarray(self.drop_path_rates)}
+        if rngs is not None:
+            per_block["keys"] = jax.random.split(rngs.dropout(), (len(self.blocks), 2))
 
-        def step(pair, x, inputs):  # an (unshifted, shifted) pair of blocks
-            for block, rate, key in zip(pair, inputs["rate"], inputs["keys"] if keys is not None else (None, None)):
-                x = block(x, mask, key, rate)
-            return x, None
+        def step(block, x, inputs):
+            return block(x, mask, inputs.get("keys"), inputs["rate"], inputs["shift"]), None
 
-        pairs = depth // 2
-        units = [(self.blocks[2 * k], self.blocks[2 * k + 1]) for k in range(pairs)]
-        per_pair = {"rate": rates[:2 * pairs].reshape(pairs, 2)}
-        if keys is not None:
-            per_pair["keys"] = keys[:2 * pairs].reshape(pairs, 2, 2)
-        x, _ = self.run_stack(step, units, x, per_pair)
-        if depth % 2:  # an odd last block (unshifted) runs alone
-            x = self.blocks[-1](x, mask, None if keys is None else keys[-1], self.drop_path_rates[-1])
+        x, _ = self.run_stack(step, self.blocks, x, per_block)
         return x, (x if self.downsample is None else self.downsample(x))
 
 
