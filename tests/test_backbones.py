@@ -409,7 +409,7 @@ def test_resnet_frozen_bn_is_not_a_param_and_round_trips():
 def test_build_backbone_presets_and_errors():
     swin = nnx.eval_shape(lambda: build_backbone("swin", rngs=nnx.Rngs(0)))
     assert swin.out_channels == {"res2": 128, "res3": 256, "res4": 512, "res5": 1024}
-    assert len(swin.layers[2].blocks) == 18 and swin.layers[2].blocks[1].shift == 6
+    assert len(swin.layers[2].blocks) == 18 and swin.layers[2].shifts[1] == 6  # per block, on its stage
     assert swin.layers[0].blocks[0].attn.relative_position_bias_table.shape == (529, 4)
     resnet = nnx.eval_shape(lambda: build_backbone("resnet", rngs=nnx.Rngs(0)))
     assert resnet.out_channels == {"res2": 256, "res3": 512, "res4": 1024, "res5": 2048}
