@@ -12,15 +12,19 @@ matching (scipy) and loss, AdamW step included.
 
 Random weights, full-size towers (text tower frozen, visual + logit_scale trained with AdamW,
 symmetric contrastive loss over the batch). The torch reference is transformers' `CLIPModel` of
-the same architecture doing the same step. Prints compile time, steps/s, examples/s, the step's
-FLOPs (XLA cost analysis), achieved TFLOP/s and, where the device's peak is known, model FLOPs
-utilisation. Timings exclude the first (compiling) step and block on the result of every step.
+the same architecture doing the same step (`--dtype bfloat16`: under `torch.autocast`). Prints the
+first (compiling) step's time, steps/s (from `--iters` rounds in which the two implementations
+take turns, half of them in each order, so that a shared machine's load hits both alike), examples/s, the step's FLOPs per
+device (XLA's cost analysis of the compiled, partitioned step; loop bodies counted once), achieved
+TFLOP/s per device and, where the device's dense bf16 peak is known, model FLOPs utilisation
+against it.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import tempfile
 import time
 
 import jax
@@ -30,11 +34,12 @@ from ovseg_jax import configs
 from ovseg_jax.models.clip import ClipConfig
 from ovseg_jax.train import Trainer
 
-from common import timed  # bench/common.py
+from common import interleaved  # bench/common.py
 
-# Dense bf16 peak TFLOP/s per device, by `device_kind` prefix.
-PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0, "TPU v4": 275.0,
-               "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0}
+# Dense bf16 peak TFLOP/s per device, by `device_kind` prefix (first match wins: specific kinds first).
+PEAK_TFLOPS = {"NVIDIA H100 PCIe": 756.0, "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0,
+               "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+               "TPU v6": 918.0}
 
 
 def peak_tflops(device) -> float | None:
@@ -48,33 +53,34 @@ def random_batch(preset: ClipConfig, batch: int) -> dict[str, np.ndarray]:
     return {"image": rs.randn(batch, preset.image_size, preset.image_size, 3).astype(np.float32), "token_ids": ids}
 
 
-def bench_jax(preset: ClipConfig, batch: dict, dtype: str, iters: int) -> dict:
+def clip_step_jax(preset: ClipConfig, batch: dict, dtype: str):
     config = configs.clip_finetune(preset, total_steps=10_000, batch_size=len(batch["image"]))
-    return _time_trainer(config, batch, dtype, iters)
+    return trainer_step(config, batch, dtype)
 
 
-def _time_trainer(config, batch: dict, dtype: str, iters: int) -> dict:
-    """Compile the trainer's step for `batch`, then time `iters` steps -> first_s, step_s, flops."""
+def trainer_step(config, batch: dict, dtype: str):
+    """The trainer's step on `batch` in `dtype` -> (step function, FLOPs per device and step from
+    XLA's cost analysis of the compiled step, seconds of tracing + compiling). Each call of the
+    function runs one step on the state the previous call left (the trainer donates it)."""
     config.dtype = dtype
     trainer = Trainer(config)
     gbatch = {k: jax.device_put(v, trainer.batch_sharding) for k, v in batch.items()}
+    t0 = time.perf_counter()
     compiled = trainer.train_step.lower(trainer.state, gbatch).compile()
+    compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-    state = trainer.state
-    t0 = time.perf_counter()
-    state, metrics = trainer.train_step(state, gbatch)
-    jax.block_until_ready(metrics)
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        state, metrics = trainer.train_step(state, gbatch)
-        jax.block_until_ready(metrics)
-    return {"first_s": first, "step_s": (time.perf_counter() - t0) / iters, "flops": flops}
+    state = [trainer.state]
+
+    def step():
+        state[0], metrics = compiled(state[0], gbatch)
+        return metrics
+
+    return step, flops, compile_s
 
 
-def bench_torch(preset: ClipConfig, batch: dict, dtype: str, iters: int) -> dict:
+def clip_step_torch(preset: ClipConfig, batch: dict, dtype: str):
     import torch  # noqa: PLC0415
     from transformers import CLIPConfig, CLIPModel  # noqa: PLC0415
 
@@ -111,8 +117,7 @@ def bench_torch(preset: ClipConfig, batch: dict, dtype: str, iters: int) -> dict
             model.logit_scale.clamp_(0, math.log(100))
         return loss
 
-    first, step_s = timed(step, iters)
-    return {"first_s": first, "step_s": step_s}
+    return step
 
 
 SEG_CLASSES, SEG_MASKS = 171, 20
@@ -129,7 +134,7 @@ def segmenter_batch(batch: int, size: int) -> dict[str, np.ndarray]:
             "classes": classes, "valid": masks.any(axis=(2, 3))}
 
 
-def bench_segmenter_jax(batch: dict, dtype: str, iters: int, workdir: str) -> dict:
+def segmenter_step_jax(batch: dict, dtype: str, workdir: str):
     from transformers import CLIPConfig, CLIPModel  # noqa: PLC0415
 
     from ovseg_jax.models.maskformer import SegmenterConfig  # noqa: PLC0415
@@ -152,10 +157,10 @@ def bench_segmenter_jax(batch: dict, dtype: str, iters: int, workdir: str) -> di
     config = configs.segmenter_training(SegmenterConfig.swin_b().to_dict(), clip_init=workdir,
                                         class_names=names, lr=6e-5, weight_decay=0.01, backbone_lr_mult=1.0,
                                         total_steps=120_000, batch_size=len(batch["image"]))
-    return _time_trainer(config, batch, dtype, iters)
+    return trainer_step(config, batch, dtype)
 
 
-def bench_segmenter_torch(batch: dict, iters: int) -> dict:
+def segmenter_step_torch(batch: dict, dtype: str):
     import torch  # noqa: PLC0415
     from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation, SwinConfig  # noqa: PLC0415
 
@@ -173,18 +178,19 @@ def bench_segmenter_torch(batch: dict, iters: int) -> dict:
     pixels = (torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).float() - mean) / std
     mask_labels = [torch.from_numpy(m[v]).float() for m, v in zip(batch["masks"], batch["valid"])]
     class_labels = [torch.from_numpy(c[v]).long() for c, v in zip(batch["classes"], batch["valid"])]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     def step():
-        loss = model(pixel_values=pixels, mask_labels=mask_labels, class_labels=class_labels,
-                     output_hidden_states=True).loss  # the decoder states feed the auxiliary losses
+        with autocast:
+            loss = model(pixel_values=pixels, mask_labels=mask_labels, class_labels=class_labels,
+                         output_hidden_states=True).loss  # the decoder states feed the auxiliary losses
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
         opt.step()
         return loss
 
-    first, step_s = timed(step, iters)
-    return {"first_s": first, "step_s": step_s}
+    return step
 
 
 def main() -> None:
@@ -193,41 +199,49 @@ def main() -> None:
                         help="CLIP fine-tuning step (ViT) or segmenter step (swin_b)")
     parser.add_argument("--size", type=int, default=640, help="segmenter crop size")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=3, help="timed rounds (each implementation once per round)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers reference")
     args = parser.parse_args()
 
     device = jax.devices()[0]
-    if args.model == "swin_b":
-        import tempfile  # noqa: PLC0415
-
-        batch = segmenter_batch(args.batch, args.size)
-        with tempfile.TemporaryDirectory() as tmp:
-            rows = [("ovseg_jax", bench_segmenter_jax(batch, args.dtype, args.iters, tmp))]
-        if not args.no_torch:
-            rows.append(("transformers (torch)", bench_segmenter_torch(batch, args.iters)))
-        what = f"segmenter Swin-B {args.size}x{args.size} training step"
-    else:
-        preset: ClipConfig = getattr(ClipConfig, args.model)()
-        batch = random_batch(preset, args.batch)
-        rows = [("ovseg_jax", bench_jax(preset, batch, args.dtype, args.iters))]
-        if not args.no_torch:
-            rows.append(("transformers (torch)", bench_torch(preset, batch, args.dtype, args.iters)))
-        what = f"CLIP {args.model} fine-tuning step"
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model == "swin_b":
+            batch = segmenter_batch(args.batch, args.size)
+            jax_step, flops, compile_s = segmenter_step_jax(batch, args.dtype, tmp)
+            steps = {"ovseg_jax": jax_step}
+            if not args.no_torch:
+                steps["transformers (torch)"] = segmenter_step_torch(batch, args.dtype)
+            what = f"segmenter Swin-B {args.size}x{args.size} training step"
+        else:
+            preset: ClipConfig = getattr(ClipConfig, args.model)()
+            batch = random_batch(preset, args.batch)
+            jax_step, flops, compile_s = clip_step_jax(preset, batch, args.dtype)
+            steps = {"ovseg_jax": jax_step}
+            if not args.no_torch:
+                steps["transformers (torch)"] = clip_step_torch(preset, batch, args.dtype)
+            what = f"CLIP {args.model} fine-tuning step"
+        # Half the rounds in each order: on the shared 2-core machine the order of the implementations
+        # within a round moved the figures (up to 1.5x for identical steps).
+        times = interleaved(steps, (args.iters + 1) // 2)
+        if len(steps) > 1 and args.iters > 1:
+            reverse = interleaved(dict(reversed(steps.items())), args.iters // 2)
+            times = {k: (times[k][0], times[k][1], (times[k][2] + reverse[k][2]) / 2) for k in times}
     peak = peak_tflops(device)
-    flops = rows[0][1]["flops"]
-    print(f"\n{what}, batch {args.batch}, {args.dtype}, "
-          f"{jax.device_count()} x {device.device_kind}; {flops / 1e9:.1f} GFLOP/step (XLA)")
+    print(f"\n{what}, batch {args.batch}, {args.dtype}, {jax.device_count()} x {device.device_kind}; "
+          f"{flops / 1e9:.1f} GFLOP/step per device (XLA); {args.iters} interleaved rounds")
     print(f"{'implementation':24s} {'first step s':>12s} {'steps/s':>9s} {'examples/s':>11s} "
           f"{'TFLOP/s':>8s} {'MFU':>6s}")
-    for name, r in rows:
-        tflops = flops / r["step_s"] / 1e12 / jax.device_count()
+    times["ovseg_jax"] = (compile_s + times["ovseg_jax"][0], *times["ovseg_jax"][1:])  # compiled ahead
+    for name, (first, _, step_s) in times.items():
+        tflops = flops / step_s / 1e12  # per device: the cost analysis is of the partitioned step
         mfu = f"{100 * tflops / peak:5.1f}%" if peak else "  n/a"
-        print(f"{name:24s} {r['first_s']:12.2f} {1 / r['step_s']:9.3f} {args.batch / r['step_s']:11.2f} "
-              f"{tflops:8.3f} {mfu:>6s}")
-    if len(rows) == 2:
-        print(f"ovseg_jax / torch steps/s ratio: {rows[1][1]['step_s'] / rows[0][1]['step_s']:.2f}")
+        print(f"{name:24s} {first:12.2f} {1 / step_s:9.3f} {args.batch / step_s:11.2f} {tflops:8.3f} {mfu:>6s}")
+    if len(times) == 2:
+        (_, _, ours), (_, _, theirs) = times.values()
+        print(f"ovseg_jax / torch steps/s ratio: {theirs / ours:.2f}")
+    if peak:
+        print(f"MFU: of the device's dense bf16 peak, {peak:.0f} TFLOP/s")
 
 
 if __name__ == "__main__":
