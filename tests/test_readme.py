@@ -68,8 +68,24 @@ def workspace(quick_demo, tmp_path_factory):
     return root
 
 
+# Files a snippet says it writes: `.save("x.png")`, `export(model, "x.pth", ...)`.
+_WRITES = re.compile(r'(?:\.save|export)\((?:[^()"]*, )?"([^"]+\.(?:png|pth|pt|safetensors))"')
+
+
 @pytest.mark.parametrize("line,code", SNIPPETS, ids=[f"line{line}" for line, _ in SNIPPETS])
 def test_readme_snippet_runs(line, code, workspace, monkeypatch):
     monkeypatch.chdir(workspace)
+    written = _WRITES.findall(code)
+    for name in written:
+        (workspace / name).unlink(missing_ok=True)
     namespace = {"__name__": "__readme__"}
     exec(compile(code, f"README.md:{line}", "exec"), namespace)  # noqa: S102
+    for name in written:
+        assert (workspace / name).stat().st_size > 0, f"README.md:{line} did not write {name}"
+
+
+def test_snippets_that_write_files_are_checked():
+    """The snippets that save a picture and export a segmenter are recognised (so the test above
+    checks their files)."""
+    written = {name for _, code in SNIPPETS for name in _WRITES.findall(code)}
+    assert {"photo.overlay.png", "segmenter.pth"} <= written
