@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ovseg_jax.image_ops import resize_bicubic
-from ovseg_jax.models.layers import LN_EPS, MultiHeadAttention, Mlp, Stack, layer_norm
+from ovseg_jax.models.layers import LN_EPS, MultiHeadAttention, Mlp, Stack, einsum, layer_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +235,7 @@ class VisionTransformer(nnx.Module):
 
         x, _ = self.transformer.run_stack(step, self.transformer.resblocks, x, per_layer)
         x = self.ln_post(x[:, 0])
-        return x @ self.proj[...].astype(dtype)
+        return einsum("nd,de->ne", x, self.proj[...].astype(dtype))
 
 
 class CLIP(nnx.Module):
@@ -274,7 +274,7 @@ class CLIP(nnx.Module):
         # Pool at the first end-of-text token (OpenAI: argmax of ids, EOT being the largest id).
         eot = jnp.argmax(token_ids == self.config.eot_token_id, axis=-1)
         pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
-        return (pooled @ self.text_projection[...].astype(self.dtype)).astype(jnp.float32)
+        return einsum("nd,de->ne", pooled, self.text_projection[...].astype(self.dtype), out_dtype=jnp.float32)
 
     def __call__(self, images, token_ids, region_masks=None):
         """Both towers: `(image_features [N, D], text_features [M, D])`, unnormalised."""

@@ -7,17 +7,126 @@ Conventions for every module in `ovseg_jax.models`:
 - Parameters are float32 (`param_dtype`); `dtype` is the compute dtype (float32 or bfloat16).
 - LayerNorm eps is 1e-5 everywhere (PyTorch's default; Flax's is 1e-6).
 - Softmax and normalisation statistics run in float32 whatever the compute dtype.
+- Matrix products go through `einsum` / `dot_general` below: in bfloat16 (or float16) they
+  accumulate in float32 and round once, in the forward and the backward pass.
 """
 
 from __future__ import annotations
 
+import functools
+import string
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 LN_EPS = 1e-5
+
+
+LOW_PRECISION = (jnp.bfloat16, jnp.float16)
+# `checkpoint_name` of low-precision products without batch dimensions (see `REMAT`).
+WEIGHT_PRODUCT = "weight_product"
+
+
+def _is_low_precision(*arrays: jax.Array) -> bool:
+    return all(a.dtype in LOW_PRECISION for a in arrays) and len({a.dtype for a in arrays}) == 1
+
+
+def _matmul_f32_accumulation(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """`einsum(spec, x, y)` -> float32 as one `[batch, M, K] x [batch, K, N]` product (or 2-D
+    without batch indices): XLA:CPU runs low-precision x low-precision -> float32 products in its
+    YNNPACK kernels, and its fallback kernel, which a product with several batch dimensions can
+    reach, refuses them ("Unsupported element type for DotThunk")."""
+    inputs, out = spec.split("->")
+    x_spec, y_spec = inputs.split(",")
+    batch = [c for c in out if c in x_spec and c in y_spec]
+    contract = [c for c in x_spec if c in y_spec and c not in out]
+    x_free = [c for c in x_spec if c not in y_spec]
+    y_free = [c for c in y_spec if c not in x_spec]
+    size = dict(zip(x_spec, x.shape)) | dict(zip(y_spec, y.shape))
+    prod = lambda idx: int(np.prod([size[c] for c in idx], dtype=np.int64))  # noqa: E731
+    lhs = jnp.einsum(f"{x_spec}->{''.join(batch + x_free + contract)}", x)
+    rhs = jnp.einsum(f"{y_spec}->{''.join(batch + contract + y_free)}", y)
+    lhs = lhs.reshape(prod(batch), prod(x_free), prod(contract))
+    rhs = rhs.reshape(prod(batch), prod(contract), prod(y_free))
+    if batch:
+        product = jax.lax.dot_general(lhs, rhs, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+    else:
+        product = jax.lax.dot_general(lhs[0], rhs[0], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    product = product.reshape([size[c] for c in batch + x_free + y_free])
+    return jnp.einsum(f"{''.join(batch + x_free + y_free)}->{out}", product)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _einsum_f32_accumulation(spec: str, out_dtype, x: jax.Array, y: jax.Array) -> jax.Array:
+    return _matmul_f32_accumulation(spec, x, y).astype(out_dtype)
+
+
+def _einsum_fwd(spec, out_dtype, x, y):
+    return _einsum_f32_accumulation(spec, out_dtype, x, y), (x, y)
+
+
+def _einsum_bwd(spec, out_dtype, residuals, cotangent):
+    x, y = residuals
+    inputs, out = spec.split("->")
+    x_spec, y_spec = inputs.split(",")
+    cotangent = cotangent.astype(x.dtype)
+    return (_einsum_f32_accumulation(f"{out},{y_spec}->{x_spec}", x.dtype, cotangent, y),
+            _einsum_f32_accumulation(f"{x_spec},{out}->{y_spec}", y.dtype, x, cotangent))
+
+
+_einsum_f32_accumulation.defvjp(_einsum_fwd, _einsum_bwd)
+
+
+def einsum(spec: str, x: jax.Array, y: jax.Array, *, out_dtype=None) -> jax.Array:
+    """Two-operand `jnp.einsum` (explicit `"ab,bc->ac"` form) -> `out_dtype` (default: the
+    operands' result dtype).
+
+    bfloat16/float16 operands are multiplied with float32 accumulation and rounded once, and
+    the two products of the backward pass likewise (cotangent rounded to the operands' dtype
+    first). Accelerators accumulate low-precision products in float32 anyway; XLA:CPU runs a
+    bfloat16 product with float32 accumulation about 2x faster than float32 and one with a
+    bfloat16 result about 2x slower (measured on this project's AMD EPYC, AVX512-BF16), so
+    without this a bfloat16 step is slower than a float32 one on CPU. Other dtypes go to
+    `jnp.einsum` unchanged.
+    """
+    if not _is_low_precision(x, y):
+        out = jnp.einsum(spec, x, y)
+        return out if out_dtype is None else out.astype(out_dtype)
+    inputs, out = spec.replace(" ", "").split("->")
+    x_spec, y_spec = inputs.split(",")
+    for name, own, other in (("first", x_spec, y_spec), ("second", y_spec, x_spec)):
+        if "." in own or len(set(own)) != len(own) or not set(own) <= set(other) | set(out):
+            raise ValueError(f"einsum {spec!r}: the {name} operand's indices must be distinct letters, "
+                             "each in the other operand or the output (no ellipsis)")
+    product = _einsum_f32_accumulation(f"{x_spec},{y_spec}->{out}", out_dtype or x.dtype, x, y)
+    if set(x_spec) & set(y_spec) & set(out):  # batch dimensions: not a weight product
+        return product
+    return checkpoint_name(product, WEIGHT_PRODUCT)
+
+
+def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                preferred_element_type=None, **kwargs) -> jax.Array:
+    """`jax.lax.dot_general` with `einsum`'s float32 accumulation for low-precision operands (the
+    `dot_general` that `linear` layers use; an explicit `out_sharding` goes to `jax.lax`)."""
+    if not _is_low_precision(lhs, rhs) or kwargs.get("out_sharding") is not None:
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type, **kwargs)
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    letters = iter(string.ascii_letters)
+    lhs_idx, rhs_idx = [""] * lhs.ndim, [""] * rhs.ndim
+    for i, j in (*zip(lhs_batch, rhs_batch), *zip(lhs_contract, rhs_contract)):
+        lhs_idx[i] = rhs_idx[j] = next(letters)
+    lhs_idx = [c or next(letters) for c in lhs_idx]
+    rhs_idx = [c or next(letters) for c in rhs_idx]
+    out = ([lhs_idx[i] for i in lhs_batch]
+           + [c for i, c in enumerate(lhs_idx) if i not in lhs_batch and i not in lhs_contract]
+           + [c for j, c in enumerate(rhs_idx) if j not in rhs_batch and j not in rhs_contract])
+    return einsum(f"{''.join(lhs_idx)},{''.join(rhs_idx)}->{''.join(out)}", lhs, rhs,
+                  out_dtype=preferred_element_type)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -38,11 +147,14 @@ ACTIVATIONS = {
 
 
 def activation(name: str):
-    """Look an activation up by its PyTorch/transformers name."""
+    """Look an activation up by its PyTorch/transformers name. Low-precision inputs are evaluated
+    in float32 and rounded once (sigmoid and erf in bfloat16 are 2x slower than in float32 on
+    XLA:CPU; on accelerators the casts fuse away)."""
     try:
-        return ACTIVATIONS[name]
+        fn = ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
+    return lambda x: fn(x.astype(jnp.float32)).astype(x.dtype) if x.dtype in LOW_PRECISION else fn(x)
 
 
 def layer_norm(dim: int, *, dtype, rngs: nnx.Rngs, eps: float = LN_EPS) -> nnx.LayerNorm:
@@ -52,7 +164,8 @@ def layer_norm(dim: int, *, dtype, rngs: nnx.Rngs, eps: float = LN_EPS) -> nnx.L
 
 def linear(din: int, dout: int, *, dtype, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
     """Linear layer, kernel `[din, dout]` (the transpose of PyTorch's weight)."""
-    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                      dot_general=dot_general, rngs=rngs)
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
@@ -76,31 +189,24 @@ def dot_product_attention(
 
     q `[B, Lq, D]`, k/v `[B, Lk, D]` -> `[B, Lq, D]`. `bias` broadcasts to `[B, heads, Lq, Lk]`
     and is added to the logits (e.g. Swin's relative position bias + shift mask). Logits and
-    softmax are computed in float32. Attention-weight dropout is applied only when
-    `dropout_rate > 0` and a `dropout_rng` is given (training).
+    softmax are computed in float32 (the products through `einsum`: float32 accumulation for
+    bfloat16 inputs; `jax.nn.dot_product_attention`'s XLA path would return the weighted values
+    through a bfloat16-result product, 2x slower on CPU). Attention-weight dropout is applied only
+    when `dropout_rate > 0` and a `dropout_rng` is given (training).
     """
     dtype = q.dtype
     qh, kh, vh = (split_heads(t, num_heads) for t in (q, k, v))
-    head_dim = qh.shape[-1]
-    if dropout_rate == 0.0 or dropout_rng is None:
-        out = jax.nn.dot_product_attention(
-            qh, kh, vh, bias=None if bias is None else bias.astype(dtype),
-            scale=head_dim**-0.5, is_causal=is_causal,
-        )
-        return out.reshape(q.shape[:2] + (-1,))
-    # Explicit path for attention dropout (not supported by jax.nn.dot_product_attention).
-    logits = jnp.einsum("bqhd,bkhd->bhqk", qh * head_dim**-0.5, kh,
-                        preferred_element_type=jnp.float32)
+    logits = einsum("bqhd,bkhd->bhqk", qh, kh, out_dtype=jnp.float32) * qh.shape[-1]**-0.5
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if is_causal:
         lq, lk = logits.shape[-2:]
-        causal = jnp.tril(jnp.ones((lq, lk), bool))
-        logits = jnp.where(causal, logits, -jnp.inf)
+        logits = jnp.where(jnp.tril(jnp.ones((lq, lk), bool)), logits, -jnp.inf)
     weights = jax.nn.softmax(logits, axis=-1)
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0).astype(dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, vh)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    out = einsum("bhqk,bkhd->bqhd", weights.astype(dtype), vh)
     return out.reshape(q.shape[:2] + (-1,))
 
 
@@ -136,9 +242,9 @@ class MultiHeadAttention(nnx.Module):
         kernel = self.in_proj.kernel[...].astype(query.dtype)
         bias_qkv = self.in_proj.bias[...].astype(query.dtype)
         d = self.dim
-        q = query @ kernel[:, :d] + bias_qkv[:d]
-        k = key @ kernel[:, d:2 * d] + bias_qkv[d:2 * d]
-        v = value @ kernel[:, 2 * d:] + bias_qkv[2 * d:]
+        q = einsum("bld,de->ble", query, kernel[:, :d]) + bias_qkv[:d]
+        k = einsum("bld,de->ble", key, kernel[:, d:2 * d]) + bias_qkv[d:2 * d]
+        v = einsum("bld,de->ble", value, kernel[:, 2 * d:]) + bias_qkv[2 * d:]
         out = dot_product_attention(q, k, v, self.num_heads, bias=bias,
                                     dropout_rate=self.dropout, dropout_rng=dropout_rng)
         return self.out_proj(out)
@@ -179,10 +285,14 @@ def drop_path(x: jax.Array, rate: float | jax.Array, rng: jax.Array | None) -> j
 # - "block": keep only each block's input and recompute the block in the backward pass
 #   (`nothing_saveable`; about one extra forward pass of compute);
 # - "dots": keep the outputs of the weight matmuls (dots without batch dimensions) and recompute
-#   the rest: norms, activations, attention logits and softmax (`dots_with_no_batch_dims_saveable`).
+#   the rest: norms, activations, attention logits and softmax (`dots_with_no_batch_dims_saveable`;
+#   low-precision products are custom_vjp calls, which that policy does not see: `einsum` names
+#   their outputs `WEIGHT_PRODUCT` and the policy saves those too).
 REMAT = ("none", "block", "dots")
 _REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable,
-                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+                   "dots": jax.checkpoint_policies.save_from_both_policies(
+                       jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                       jax.checkpoint_policies.save_only_these_names(WEIGHT_PRODUCT))}
 
 
 def check_stack_options(scan_layers: Any, remat: Any, where: str = "stack options") -> None:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ovseg_jax.models.backbone import build_backbone
-from ovseg_jax.models.layers import linear
+from ovseg_jax.models.layers import einsum, linear
 from ovseg_jax.models.pixel_decoder import BasePixelDecoder
 from ovseg_jax.models.resnet import ResNetConfig
 from ovseg_jax.models.swin import SwinConfig
@@ -172,8 +172,7 @@ class Segmenter(nnx.Module):
         mask_features, hs = self.decode(images, deterministic=deterministic, rngs=rngs)
         embeddings = self.class_embed(hs)
         logits = open_vocab_logits(embeddings, text_bank, self.non_object_embedding[...])
-        masks = jnp.einsum("lbqc,bhwc->lbqhw", self.mask_embed(hs), mask_features,
-                           preferred_element_type=jnp.float32)
+        masks = einsum("lbqc,bhwc->lbqhw", self.mask_embed(hs), mask_features, out_dtype=jnp.float32)
         return {
             "pred_logits": logits[-1],
             "pred_embeddings": embeddings[-1].astype(jnp.float32),
