@@ -134,7 +134,9 @@ def segmenter_batch(batch: int, size: int) -> dict[str, np.ndarray]:
             "classes": classes, "valid": masks.any(axis=(2, 3))}
 
 
-def segmenter_step_jax(batch: dict, dtype: str, workdir: str):
+def segmenter_config(batch_size: int, workdir: str):
+    """The Swin-B segmenter recipe's config (171 classes, a tiny frozen CLIP written to `workdir` for
+    the text bank), at `batch_size`."""
     from transformers import CLIPConfig, CLIPModel  # noqa: PLC0415
 
     from ovseg_jax.models.maskformer import SegmenterConfig  # noqa: PLC0415
@@ -156,8 +158,12 @@ def segmenter_step_jax(batch: dict, dtype: str, workdir: str):
     tok.save(workdir)
     config = configs.segmenter_training(SegmenterConfig.swin_b().to_dict(), clip_init=workdir,
                                         class_names=names, lr=6e-5, weight_decay=0.01, backbone_lr_mult=1.0,
-                                        total_steps=120_000, batch_size=len(batch["image"]))
-    return trainer_step(config, batch, dtype)
+                                        total_steps=120_000, batch_size=batch_size)
+    return config
+
+
+def segmenter_step_jax(batch: dict, dtype: str, workdir: str):
+    return trainer_step(segmenter_config(len(batch["image"]), workdir), batch, dtype)
 
 
 def segmenter_step_torch(batch: dict, dtype: str):

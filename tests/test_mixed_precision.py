@@ -83,16 +83,34 @@ def test_dot_general_with_batch_dimensions_equals_lax():
     np.testing.assert_array_equal(layers.dot_general(x32, y32, numbers), jax.lax.dot_general(x32, y32, numbers))
 
 
-def test_linear_layers_use_the_float32_accumulating_product():
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_layers_add_the_bias_in_float32_and_round_once(kind):
+    """`x @ kernel + bias` rounded once; the bias gradient is a float32 reduction (a bfloat16 one is
+    about 40x slower on XLA:CPU)."""
     from flax import nnx
 
-    layer = layers.linear(8, 5, dtype=BF16, rngs=nnx.Rngs(0))
-    x = _random((3, 8), 0)
+    if kind == "linear":
+        layer, x = layers.linear(8, 5, dtype=BF16, rngs=nnx.Rngs(0)), _random((3, 8), 0)
+        exact = lambda x, k: x @ k  # noqa: E731
+    else:
+        layer, x = layers.Conv(8, 5, (3, 3), dtype=BF16, param_dtype=jnp.float32, rngs=nnx.Rngs(0)), _random((1, 6, 6, 8), 0)
+        exact = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+            x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest")
+    layer.bias[...] = jax.random.normal(jax.random.key(3), layer.bias.shape)
     out = layer(x)
-    kernel = layer.kernel[...].astype(BF16).astype(jnp.float32)
-    expected = (x.astype(jnp.float32) @ kernel).astype(BF16).astype(jnp.float32) + layer.bias[...]
     assert out.dtype == BF16
-    np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=2 ** -7, atol=1e-6)
+    kernel = layer.kernel[...].astype(BF16).astype(jnp.float32)
+    product = exact(x.astype(jnp.float32), kernel)
+    error = np.abs(np.asarray(out, np.float32) - (product + layer.bias[...]))
+    if kind == "linear":  # one rounding of the float32 sum
+        assert (error <= 2 ** -8 * np.abs(product + layer.bias[...]) + 1e-6).all(), error.max()
+    else:  # XLA's bfloat16 convolution rounds its product, then the float32 sum is rounded
+        assert (error <= 2 ** -8 * (2 * np.abs(product) + np.abs(layer.bias[...])) + 1e-6).all(), error.max()
+
+    graphdef, params = nnx.split(layer)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: nnx.merge(graphdef, p)(x).astype(jnp.float32).sum()))(params)
+    sums = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "reduce_sum"]
+    assert sums and all(e.invars[0].aval.dtype == jnp.float32 for e in sums), sums
 
 
 def test_dots_remat_policy_keeps_low_precision_weight_products(capsys):
@@ -128,3 +146,13 @@ def test_attention_equals_jax_nn_in_float32_and_stays_close_in_bfloat16(causal):
     low = layers.dot_product_attention(*(t.astype(BF16) for t in (q, k, v)), 4, bias=bias, is_causal=causal)
     assert low.dtype == BF16
     np.testing.assert_allclose(np.asarray(low, np.float32), ours, atol=0.05)
+
+
+def test_windowed_attention_gradient_runs_under_vmap_in_bfloat16():
+    """Swin maps attention over windows with `jax.vmap`, which adds a batch dimension to every product."""
+    q = jax.random.normal(jax.random.key(0), (3, 2, 16, 8))
+    attend = jax.vmap(lambda t: layers.dot_product_attention(t, t, t, 2))
+    grad = jax.grad(lambda t: attend(t).astype(jnp.float32).sum())
+    low, full = grad(q.astype(BF16)), grad(q)
+    assert low.dtype == BF16
+    np.testing.assert_allclose(np.asarray(low, np.float32), full, atol=0.05 * float(jnp.abs(full).max()))

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ovseg_jax.image_ops import resize_bicubic
-from ovseg_jax.models.layers import LN_EPS, MultiHeadAttention, Mlp, Stack, einsum, layer_norm
+from ovseg_jax.models.layers import LN_EPS, Conv, MultiHeadAttention, Mlp, Stack, einsum, layer_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +166,7 @@ class VisionTransformer(nnx.Module):
         self.patch_size, self.grid = p, g
         self.dtype = dtype
         self.mask_prompt_depth = cfg.mask_prompt_depth
-        self.conv1 = nnx.Conv(3, w, kernel_size=(p, p), strides=(p, p), padding="VALID",
+        self.conv1 = Conv(3, w, kernel_size=(p, p), strides=(p, p), padding="VALID",
                               use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         scale = w**-0.5
         self.class_embedding = nnx.Param(scale * jax.random.normal(rngs.params(), (w,)))

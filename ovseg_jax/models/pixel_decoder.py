@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ovseg_jax.image_ops import resize_nearest_torch
+from ovseg_jax.models.layers import Conv
 
 GN_GROUPS = 32
 GN_EPS = 1e-5
@@ -27,7 +28,7 @@ GN_EPS = 1e-5
 _c2_xavier_fill = nnx.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
 
-class Conv2d(nnx.Conv):
+class Conv2d(Conv):
     """detectron2 `Conv2d`: a stride-1 "same" convolution with an optional GroupNorm child `norm`
     (then without bias) and optional ReLU. `[B, H, W, Cin] -> [B, H, W, Cout]`."""
 

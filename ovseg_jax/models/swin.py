@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from ovseg_jax.image_ops import resize_bicubic
-from ovseg_jax.models.layers import Mlp, Stack, dot_product_attention, drop_path, layer_norm, linear
+from ovseg_jax.models.layers import Conv, Mlp, Stack, dot_product_attention, drop_path, layer_norm, linear
 
 STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
@@ -126,7 +126,7 @@ class PatchEmbed(nnx.Module):
 
     def __init__(self, patch: int, dim: int, norm: bool, *, dtype, rngs: nnx.Rngs):
         self.patch = patch
-        self.proj = nnx.Conv(3, dim, (patch, patch), strides=(patch, patch), padding="VALID",
+        self.proj = Conv(3, dim, (patch, patch), strides=(patch, patch), padding="VALID",
                              dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.norm = layer_norm(dim, dtype=dtype, rngs=rngs) if norm else None
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ovseg_jax.models.layers import MultiHeadAttention, Stack, layer_norm, linear
+from ovseg_jax.models.layers import Conv, MultiHeadAttention, Stack, layer_norm, linear
 
 POS_TEMPERATURE = 10000
 POS_SCALE = 2 * math.pi
@@ -99,7 +99,7 @@ class TransformerDecoder(Stack):
         self.query_embed = nnx.Embed(num_queries, dim, dtype=dtype, param_dtype=jnp.float32,
                                      embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
         # MaskFormer projects only when the widths differ (the released models always do).
-        self.input_proj = (nnx.Conv(in_channels, dim, (1, 1), dtype=dtype, param_dtype=jnp.float32,
+        self.input_proj = (Conv(in_channels, dim, (1, 1), dtype=dtype, param_dtype=jnp.float32,
                                     kernel_init=nnx.initializers.variance_scaling(1.0, "fan_in", "uniform"),
                                     rngs=rngs) if in_channels != dim else None)
         self.layers = nnx.List([DecoderLayer(dim, heads, ffn_dim, dropout, dtype=dtype, rngs=rngs)
