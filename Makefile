@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m ovseg_jax.demo --out outputs/demo
 
+# Test files are spread over TEST_WORKERS processes (a file's tests stay in one, so its
+# module-scoped fixtures are built once); `make test TEST_WORKERS=0` runs them in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: $(STAMP)
 	$(PY) bench/clip_encode.py

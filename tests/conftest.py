@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
+from filelock import FileLock
 
 
 @pytest.fixture(scope="session")
@@ -11,8 +15,18 @@ def quick_demo(tmp_path_factory):
 
     The dir holds `ovseg_synthetic.pth` (merged segmenter + mask-prompted CLIP), the world with its
     tokenizer (`world/tokenizer`) and val split (`world/val`), and the stage workdirs (`train/*`).
-    Tests must not write into it."""
+    Tests must not write into it. Under pytest-xdist (`make test`) the workers share one run: the
+    first to need it builds it in the session's common temporary directory, the others wait for it
+    and read its `metrics.json` (the dict `demo.run` returned)."""
     from ovseg_jax import demo
 
-    out = tmp_path_factory.mktemp("quick_demo")
-    return out, demo.run(out, "quick")
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        out = tmp_path_factory.mktemp("quick_demo")
+        return out, demo.run(out, "quick")
+    shared = tmp_path_factory.getbasetemp().parent  # this session's root, common to its workers
+    out, done = shared / "quick_demo", shared / "quick_demo.done"
+    with FileLock(str(shared / "quick_demo.lock")):
+        if not done.exists():
+            demo.run(out, "quick")
+            done.touch()
+    return out, json.loads((out / "metrics.json").read_text())
