@@ -221,13 +221,19 @@ def dot_product_attention(
 
     q `[B, Lq, D]`, k/v `[B, Lk, D]` -> `[B, Lq, D]`. `bias` broadcasts to `[B, heads, Lq, Lk]`
     and is added to the logits (e.g. Swin's relative position bias + shift mask). Logits and
-    softmax are computed in float32 (the products through `einsum`: float32 accumulation for
-    bfloat16 inputs; `jax.nn.dot_product_attention`'s XLA path would return the weighted values
-    through a bfloat16-result product, 2x slower on CPU). Attention-weight dropout is applied only
-    when `dropout_rate > 0` and a `dropout_rng` is given (training).
+    softmax are computed in float32. float32 inputs without dropout go to
+    `jax.nn.dot_product_attention`; bfloat16 inputs take explicit products through `einsum`
+    (float32 accumulation; jax.nn's XLA path returns the weighted values through a
+    bfloat16-result product, 2x slower on CPU), as does attention-weight dropout, which is applied
+    only when `dropout_rate > 0` and a `dropout_rng` is given (training).
     """
     dtype = q.dtype
     qh, kh, vh = (split_heads(t, num_heads) for t in (q, k, v))
+    dropout = dropout_rate > 0.0 and dropout_rng is not None
+    if not dropout and not _is_low_precision(q, k, v):
+        out = jax.nn.dot_product_attention(qh, kh, vh, bias=None if bias is None else bias.astype(dtype),
+                                           scale=qh.shape[-1]**-0.5, is_causal=is_causal)
+        return out.reshape(q.shape[:2] + (-1,))
     logits = einsum("bqhd,bkhd->bhqk", qh, kh, out_dtype=jnp.float32) * qh.shape[-1]**-0.5
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
@@ -235,7 +241,7 @@ def dot_product_attention(
         lq, lk = logits.shape[-2:]
         logits = jnp.where(jnp.tril(jnp.ones((lq, lk), bool)), logits, -jnp.inf)
     weights = jax.nn.softmax(logits, axis=-1)
-    if dropout_rate > 0.0 and dropout_rng is not None:
+    if dropout:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
     out = einsum("bhqk,bkhd->bqhd", weights.astype(dtype), vh)
