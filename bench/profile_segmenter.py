@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 import train_step  # bench/train_step.py: the segmenter batch and the trainer step
+from common import seconds  # bench/common.py
 from ovseg_jax.losses.mask_losses import LossWeights, maskformer_loss
 from ovseg_jax.losses.matcher import hungarian_match, matching_cost
 from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig, normalize_images, open_vocab_logits
@@ -133,22 +134,8 @@ def segmenter_components(batch: dict, dtype: str) -> dict[str, Callable]:
     grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), trained)
     update = jax.jit(trainer.tx.update)
     fns["optimizer (clipping + AdamW update)"] = lambda: update(grads, opt_state, trained)
-    gbatch = {k: jax.device_put(v, trainer.batch_sharding) for k, v in batch.items()}
-    compiled = trainer.train_step.lower(trainer.state, gbatch).compile()
-    state = [trainer.state]
-
-    def step():
-        state[0], metrics = compiled(state[0], gbatch)
-        return metrics
-
-    fns[STEP] = step
+    fns[STEP], _, _ = train_step.trainer_step(config, batch, dtype, trainer)
     return fns
-
-
-def seconds(fn: Callable) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - t0
 
 
 def main() -> None:

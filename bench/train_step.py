@@ -58,12 +58,13 @@ def clip_step_jax(preset: ClipConfig, batch: dict, dtype: str):
     return trainer_step(config, batch, dtype)
 
 
-def trainer_step(config, batch: dict, dtype: str):
+def trainer_step(config, batch: dict, dtype: str, trainer: Trainer | None = None):
     """The trainer's step on `batch` in `dtype` -> (step function, FLOPs per device and step from
     XLA's cost analysis of the compiled step, seconds of tracing + compiling). Each call of the
-    function runs one step on the state the previous call left (the trainer donates it)."""
+    function runs one step on the state the previous call left (the trainer donates it). `trainer`:
+    one already built from `config` with `dtype`."""
     config.dtype = dtype
-    trainer = Trainer(config)
+    trainer = trainer or Trainer(config)
     gbatch = {k: jax.device_put(v, trainer.batch_sharding) for k, v in batch.items()}
     t0 = time.perf_counter()
     compiled = trainer.train_step.lower(trainer.state, gbatch).compile()

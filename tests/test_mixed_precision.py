@@ -141,8 +141,6 @@ def test_bfloat16_attention_stays_close_to_jax_nn_in_float32(causal):
     bias = None if causal else jax.random.normal(keys[3], (1, 4, 9, 9))
     split = lambda t: t.reshape(2, 9, 4, 4)  # noqa: E731
     reference = jax.nn.dot_product_attention(split(q), split(k), split(v), bias=bias, is_causal=causal)
-    np.testing.assert_allclose(layers.dot_product_attention(q, k, v, 4, bias=bias, is_causal=causal),
-                               reference.reshape(2, 9, 16), atol=2e-6)
     low = layers.dot_product_attention(*(t.astype(BF16) for t in (q, k, v)), 4, bias=bias, is_causal=causal)
     assert low.dtype == BF16
     np.testing.assert_allclose(np.asarray(low, np.float32), reference.reshape(2, 9, 16), atol=0.05)
