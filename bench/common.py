@@ -15,6 +15,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/torch_clip_reference.py
 
+from ovseg_jax.host_memory import keep_freed_memory  # noqa: E402
+
+# As the command-line tools do: XLA:CPU steps reuse their buffers instead of page-faulting them afresh.
+keep_freed_memory()
+
 
 def timed(fn: Callable, iters: int) -> tuple[float, float]:
     """(seconds of the first call, mean seconds of the following `iters` calls); blocks on results."""
@@ -34,12 +39,13 @@ def seconds(fn: Callable) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(fns: dict[str, Callable], rounds: int, log: Callable[[str], None] | None = None
-                ) -> dict[str, tuple[float, float, float]]:
-    """Each function's first call (compiling), then `rounds` rounds calling every function once in
-    turn, so that the implementations share the machine's load alike -> {name: (first-call s, of
-    which tracing + compiling s, median s of the rounds)}. With `rounds=0` the "median" is the first
-    call less its compile time (for runs too slow to repeat). `log` gets a line per finished call."""
+def interleaved(fns: dict[str, Callable], rounds: int, log: Callable[[str], None] | None = None,
+                warmup: int = 0) -> dict[str, tuple[float, float, float]]:
+    """Each function's first call (compiling), then `warmup` untimed rounds, then `rounds` rounds
+    calling every function once in turn, so that the implementations share the machine's load alike
+    -> {name: (first-call s, of which tracing + compiling s, median s of the rounds)}. With `rounds=0`
+    the "median" is the first call less its compile time (for runs too slow to repeat). `log` gets a
+    line per finished call."""
     from ovseg_jax.compilation import CompileTimer
 
     first, times = {}, {name: [] for name in fns}
@@ -48,11 +54,13 @@ def interleaved(fns: dict[str, Callable], rounds: int, log: Callable[[str], None
             first[name] = (seconds(fn), compiling.seconds)
         if log:
             log(f"  {name}: first call {first[name][0]:.2f} s (compiling {first[name][1]:.2f} s)")
-    for r in range(rounds):
+    for r in range(warmup + rounds):
         for name, fn in fns.items():
-            times[name].append(seconds(fn))
+            took = seconds(fn)
+            if r >= warmup:
+                times[name].append(took)
             if log:
-                log(f"  {name}: round {r + 1} {times[name][-1]:.3f} s")
+                log(f"  {name}: {'warm-up' if r < warmup else 'round'} {r + 1 - warmup * (r >= warmup)} {took:.3f} s")
     return {name: (*first[name], statistics.median(times[name]) if times[name] else first[name][0] - first[name][1])
             for name in fns}
 

@@ -14,8 +14,8 @@ Random weights, full-size towers (text tower frozen, visual + logit_scale traine
 symmetric contrastive loss over the batch). The torch reference is transformers' `CLIPModel` of
 the same architecture doing the same step (`--dtype bfloat16`: under `torch.autocast`). Prints the
 first (compiling) step's time, steps/s (from `--iters` rounds in which the two implementations
-take turns, half of them in each order, so that a shared machine's load hits both alike), examples/s, the step's FLOPs per
-device (XLA's cost analysis of the compiled, partitioned step; loop bodies counted once), achieved
+take turns, half of them in each order, so that a shared machine's load hits both alike, each half
+after `--warmup` untimed rounds), examples/s, the step's FLOPs per device (XLA's cost analysis of the compiled, partitioned step; loop bodies counted once), achieved
 TFLOP/s per device and, where the device's dense bf16 peak is known, model FLOPs utilisation
 against it.
 """
@@ -208,6 +208,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iters", type=int, default=3, help="timed rounds (each implementation once per round)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers reference")
     args = parser.parse_args()
 
@@ -230,9 +231,11 @@ def main() -> None:
             what = f"CLIP {args.model} fine-tuning step"
         # Half the rounds in each order: on the shared 2-core machine the order of the implementations
         # within a round moved the figures (up to 1.5x for identical steps).
-        times = interleaved(steps, (args.iters + 1) // 2)
+        # Warm-up rounds: the first steps of a process grow its heap (page faults, slow on virtual
+        # machines) and fragment it when torch allocates in between; a training loop runs in steady state.
+        times = interleaved(steps, (args.iters + 1) // 2, warmup=args.warmup)
         if len(steps) > 1 and args.iters > 1:
-            reverse = interleaved(dict(reversed(steps.items())), args.iters // 2)
+            reverse = interleaved(dict(reversed(steps.items())), args.iters // 2, warmup=args.warmup)
             times = {k: (times[k][0], times[k][1], (times[k][2] + reverse[k][2]) / 2) for k in times}
     peak = peak_tflops(device)
     print(f"\n{what}, batch {args.batch}, {args.dtype}, {jax.device_count()} x {device.device_kind}; "

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import ml_collections
 
+from ovseg_jax.host_memory import keep_freed_memory
+
 log = logging.getLogger("ovseg_jax.ablate")
 
 PROMPTS = r"^visual/mask_embedding$"
@@ -461,6 +463,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="a demo output directory whose world, pretrained CLIP and segmenter to reuse")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
     args = parser.parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
     run(args.table, args.out, args.from_dir, args.quick)

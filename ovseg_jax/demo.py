@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ovseg_jax.host_memory import keep_freed_memory
 
 log = logging.getLogger("ovseg_jax.demo")
 
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output directory")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
     args = parser.parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's per-save chatter
     run(args.out, "quick" if args.quick else None)

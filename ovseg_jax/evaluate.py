@@ -58,6 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ovseg_jax.host_memory import keep_freed_memory
+
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
@@ -837,6 +839,7 @@ def run(argv: Sequence[str] | None = None, models: tuple | None = None) -> dict:
 def main(argv: Sequence[str] | None = None) -> None:
     from ovseg_jax.export import cli_logging, exit_on_error  # noqa: PLC0415
 
+    keep_freed_memory()
     cli_logging()
     with exit_on_error():
         run(argv)

@@ -64,6 +64,7 @@ from PIL import Image, ImageDraw
 from ovseg_jax import configs
 from ovseg_jax.configs import ConfigError, Field, Section
 from ovseg_jax.data import crops
+from ovseg_jax.host_memory import keep_freed_memory
 from ovseg_jax.data.sources import BadExampleError, DatasetLayoutError, read_image, read_label
 from ovseg_jax.data.transforms import bucket_size, resize_image, resized_hw
 from ovseg_jax.nouns import Noun, make_extractor
@@ -913,6 +914,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    keep_freed_memory()
     sharding.initialize_distributed()
     try:
         report = run(_CONFIG.value, _WORKDIR.value)

@@ -43,6 +43,7 @@ from ovseg_jax.compilation import CompileTimer
 from ovseg_jax.data import transforms
 from ovseg_jax.data.sources import BadExampleError, _rgb_uint8, read_image
 from ovseg_jax.ensemble import UNLABELED, Predictor, Segmentation, as_rgb_uint8, check_class_names
+from ovseg_jax.host_memory import keep_freed_memory
 from ovseg_jax import visualize
 
 log = logging.getLogger("ovseg_jax.predict")
@@ -520,6 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m ovseg_jax.predict ...` -> exit status (0 ok, 2 bad input, 1 when every image was skipped)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = run(args)

@@ -44,6 +44,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ovseg_jax import visualize
 from ovseg_jax.ensemble import MODES, Predictor, Segmentation, check_class_names
+from ovseg_jax.host_memory import keep_freed_memory
 from ovseg_jax.predict import (MODE_DEFAULTS, RESIZE, load_image, load_predictor, parse_templates, preprocess, render,
                                summarize)
 from ovseg_jax.text import templates as resolve_templates
@@ -478,6 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", help="JAX persistent compilation cache: later starts compile faster")
     parser.add_argument("--no-warmup", action="store_true", help="skip compiling at start")
     args = parser.parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
 
     def fail(message: str) -> NoReturn:
