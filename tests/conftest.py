@@ -8,12 +8,6 @@ import os
 import pytest
 from filelock import FileLock
 
-from ovseg_jax.host_memory import keep_freed_memory
-
-# As the command-line tools do (before any JAX computation): XLA:CPU reuses freed buffers instead of
-# page-faulting each run's temporaries afresh.
-keep_freed_memory()
-
 
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory):
