@@ -15,9 +15,9 @@ symmetric contrastive loss over the batch). The torch reference is transformers'
 the same architecture doing the same step (`--dtype bfloat16`: under `torch.autocast`). Prints the
 first (compiling) step's time, steps/s (from `--iters` rounds in which the two implementations
 take turns, half of them in each order, so that a shared machine's load hits both alike, each half
-after `--warmup` untimed rounds), examples/s, the step's FLOPs per device (XLA's cost analysis of the compiled, partitioned step; loop bodies counted once), achieved
-TFLOP/s per device and, where the device's dense bf16 peak is known, model FLOPs utilisation
-against it.
+after `--warmup` untimed rounds), examples/s, the step's FLOPs per device (XLA's cost analysis of
+the compiled, partitioned step; loop bodies counted once), achieved TFLOP/s per device and, where
+the device's dense bf16 peak is known, model FLOPs utilisation against it.
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@ XLA:CPU allocates one temporary buffer per run of an executable (about 500 MB fo
 segmenter's training step at 128 px, several GB at 640 px) with `posix_memalign`, on one of its
 thread-pool threads. glibc serves a block that large from a fresh `mmap` (a thread's arena
 cannot hold it) and unmaps it when freed, so every step touches new pages and the kernel faults
-and zeroes them again: 125,000 page faults per 128 px Swin-B step, 0.3-3 s of system time on this
+and zeroes them again: 125,000 page faults per 128 px Swin-B step, 0.3-4 s of system time on this
 project's machine, as long as the step's computation. `keep_freed_memory()` makes glibc serve
 every thread from its main heap (one arena), never `mmap` large blocks, and never give freed
-memory back, so a step reuses the previous step's pages and faults none. The process then keeps
-its peak memory, as torch's and JAX's accelerator allocators do.
+memory back, so a step reuses the previous step's pages and, once the heap has settled (the first
+few steps: a step may allocate before the previous one has freed), faults none. The process then
+keeps its peak memory, as torch's and JAX's accelerator allocators do.
 
 The command-line tools call it first thing; `OVSEG_KEEP_FREED_MEMORY=0` turns it off.
 """
