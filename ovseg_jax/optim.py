@@ -87,15 +87,20 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
-def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
-    """`torch.nn.utils.clip_grad_norm_`: scale by `min(1, max_norm / (norm + 1e-6))`."""
+def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """`torch.nn.utils.clip_grad_norm_`: scale by `min(1, max_norm / (norm + 1e-6))`.
 
-    def update(updates, state, params=None):
-        del params
-        scale = jnp.minimum(1.0, max_norm / (global_norm(updates) + 1e-6))
+    `update(..., grad_norm=n)` takes the updates' global norm when the caller already has it (the
+    trainer computes it for its finiteness guard): inside the guard's `lax.cond` XLA cannot reuse
+    the outer one and would read every gradient again."""
+
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = global_norm(updates) if grad_norm is None else grad_norm
+        scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
         return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
 
-    return optax.GradientTransformation(lambda params: ClipState(), update)
+    return optax.GradientTransformationExtraArgs(lambda params: ClipState(), update)
 
 
 def trainable_paths(paths: Iterable[str], optim_cfg, *, log_matches: bool = False) -> list[str]:

@@ -199,7 +199,7 @@ class Trainer:
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def apply(trained, opt_state):
-            updates, opt_state = self.tx.update(grads, opt_state, trained)
+            updates, opt_state = self.tx.update(grads, opt_state, trained, grad_norm=grad_norm)
             return self.task.post_update(optax.apply_updates(trained, updates)), opt_state
 
         trained, opt_state = jax.lax.cond(ok, apply, lambda *unchanged: unchanged, trained, state["opt_state"])

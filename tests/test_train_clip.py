@@ -54,8 +54,10 @@ def test_warmup_cosine_is_open_clip_cosine_lr(step):
     np.testing.assert_allclose(float(schedule(step)), _open_clip_cosine(step), rtol=1e-5, atol=1e-14)
 
 
-def test_adamw_groups_clipping_and_freezing_match_torch():
-    """lr multiplier, weight-decay exclusion, freezing and full-model clipping vs torch.optim.AdamW."""
+@pytest.mark.parametrize("norm_given", [False, True], ids=["norm_computed", "norm_given"])
+def test_adamw_groups_clipping_and_freezing_match_torch(norm_given):
+    """lr multiplier, weight-decay exclusion, freezing and full-model clipping vs torch.optim.AdamW,
+    with the clipping norm computed by the transform or given by the caller (as the trainer does)."""
     import ml_collections
 
     cfg = ml_collections.ConfigDict({
@@ -83,7 +85,8 @@ def test_adamw_groups_clipping_and_freezing_match_torch():
     for _ in range(6):
         train = {k: params[k] for k in names}
         grads = jax.grad(lambda t: loss_fn({**params, **t}, jnp))(train)
-        updates, opt_state = tx.update(grads, opt_state, train)
+        extra = {"grad_norm": optim.global_norm(grads)} if norm_given else {}
+        updates, opt_state = tx.update(grads, opt_state, train, **extra)
         params = {**params, **{k: train[k] + updates[k] for k in names}}
 
     tp = {k: torch.tensor(v, requires_grad=k != "frozen/w") for k, v in init.items()}
