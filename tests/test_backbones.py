@@ -54,19 +54,19 @@ def hf_swin_backbone():
     model = _perturb(SwinBackbone(hf), 1)
     with torch.no_grad():
         ref = [t.numpy() for t in model(torch.from_numpy(IMAGES)).feature_maps]
-    return _state(model), ref
+    return _state(model), ref, model
 
 
 @pytest.fixture(scope="module")
 def swin(hf_swin_backbone):
-    state, _ = hf_swin_backbone
+    state, _, _ = hf_swin_backbone
     model = SwinTransformer(SwinConfig(**SWIN_KW, drop_path_rate=0.2), rngs=nnx.Rngs(0))
     torch_to_nnx(swin_from_transformers(state), model, source="SwinBackbone")
     return model
 
 
 def test_swin_matches_transformers_swin_backbone(swin, hf_swin_backbone):
-    _, ref = hf_swin_backbone
+    _, ref, _ = hf_swin_backbone
     out = swin(jnp.asarray(IMAGES.transpose(0, 2, 3, 1)))
     assert list(out) == ["res2", "res3", "res4", "res5"]
     for r, key in zip(ref, out):
@@ -74,6 +74,31 @@ def test_swin_matches_transformers_swin_backbone(swin, hf_swin_backbone):
         np.testing.assert_allclose(_nchw(out[key]), r, atol=TOL, rtol=0)
     assert swin.out_channels == {"res2": 16, "res3": 32, "res4": 64, "res5": 128}
     assert swin.strides == {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+
+
+def test_swin_gradients_match_transformers(swin, hf_swin_backbone):
+    """Every parameter's gradient (relative position bias tables included: their gradient sums over
+    images and shifted, masked windows) equals transformers' for the same loss."""
+    _, _, hf_model = hf_swin_backbone
+    weights = [np.random.RandomState(i).randn(*r.shape).astype(np.float32) for i, r in enumerate(hf_swin_backbone[1])]
+    hf_model.zero_grad()
+    sum((f * torch.from_numpy(w)).sum() for f, w in zip(hf_model(torch.from_numpy(IMAGES)).feature_maps, weights)).backward()
+    expected = SwinTransformer(SwinConfig(**SWIN_KW), rngs=nnx.Rngs(1))
+    torch_grads = {k: p.grad.numpy() for k, p in hf_model.named_parameters()
+                   if p.grad is not None}  # not transformers' final `layernorm`, which the backbone does not use
+    torch_to_nnx(swin_from_transformers(torch_grads), expected)
+
+    def loss(model):
+        out = model(jnp.asarray(IMAGES.transpose(0, 2, 3, 1)))
+        return sum(jnp.sum(out[key] * w.transpose(0, 2, 3, 1)) for key, w in zip(out, weights))
+
+    grads = nnx.state(nnx.jit(nnx.grad(loss))(swin), nnx.Param).flat_state()
+    expected = nnx.state(expected, nnx.Param).flat_state()
+    assert [path for path, _ in grads] == [path for path, _ in expected]
+    for (path, grad), (_, ref) in zip(grads, expected):
+        ref = np.asarray(ref.get_value())
+        np.testing.assert_allclose(np.asarray(grad.get_value()), ref, atol=TOL * max(1.0, np.abs(ref).max()), rtol=0,
+                                   err_msg="/".join(map(str, path)))
 
 
 def test_swin_matches_maskformer_swin_backbone():

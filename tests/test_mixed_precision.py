@@ -1,6 +1,7 @@
 """Low-precision matrix products (`layers.einsum` / `layers.dot_general`): float32 accumulation in
 the forward and the backward pass, the same values as float32 products of the rounded inputs, the
-`dots` remat policy still keeping weight products, and attention equal to jax.nn's."""
+`dots` remat policy still keeping weight products, attention equal to jax.nn's, and `broadcast_to`'s
+gradient (a product with ones) equal to jnp.broadcast_to's."""
 
 import jax
 import jax.numpy as jnp
@@ -146,11 +147,34 @@ def test_bfloat16_attention_stays_close_to_jax_nn_in_float32(causal):
     np.testing.assert_allclose(np.asarray(low, np.float32), reference.reshape(2, 9, 16), atol=0.05)
 
 
-def test_windowed_attention_gradient_runs_under_vmap_in_bfloat16():
-    """Swin maps attention over windows with `jax.vmap`, which adds a batch dimension to every product."""
+def test_attention_gradient_runs_under_vmap_in_bfloat16():
+    """`jax.vmap` adds a batch dimension to every product of the attention."""
     q = jax.random.normal(jax.random.key(0), (3, 2, 16, 8))
     attend = jax.vmap(lambda t: layers.dot_product_attention(t, t, t, 2))
     grad = jax.grad(lambda t: attend(t).astype(jnp.float32).sum())
     low, full = grad(q.astype(BF16)), grad(q)
     assert low.dtype == BF16
     np.testing.assert_allclose(np.asarray(low, np.float32), full, atol=0.05 * float(jnp.abs(full).max()))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, BF16])
+@pytest.mark.parametrize("source, target", [
+    ((4, 9, 9), (2, 3, 4, 9, 9)),  # missing leading dimensions (Swin's bias over images and windows)
+    ((3, 1, 9, 9), (2, 3, 4, 9, 9)),  # a size-1 dimension between kept ones
+    ((1, 4, 1, 5), (6, 4, 7, 5)),
+    ((4, 5), (4, 5)),  # nothing to broadcast
+])
+def test_broadcast_to_gradient_sums_like_jnp(source, target, dtype):
+    x = jax.random.normal(jax.random.key(0), source).astype(dtype)
+    cotangent = jax.random.normal(jax.random.key(1), target)
+
+    def loss(broadcast):
+        return lambda x: jnp.vdot(broadcast(x, target).astype(jnp.float32), cotangent)
+
+    ours = jax.grad(loss(layers.broadcast_to))(x)
+    expected = jax.grad(loss(jnp.broadcast_to))(x.astype(jnp.float32))  # float32 sums of the same cotangent
+    np.testing.assert_array_equal(layers.broadcast_to(x, target), jnp.broadcast_to(x, target))
+    assert ours.dtype == dtype and ours.shape == source
+    # bfloat16: the cotangent and the sum are each rounded to bfloat16 once
+    tol = 1e-5 if dtype == jnp.float32 else 2 ** -7 * float(jnp.abs(expected).max())
+    np.testing.assert_allclose(np.asarray(ours, np.float32), expected, rtol=1e-5, atol=tol)

@@ -36,26 +36,30 @@ def _is_low_precision(*arrays: jax.Array) -> bool:
 
 
 def _matmul_f32_accumulation(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
-    """`einsum(spec, x, y)` -> float32 as one `[batch, M, K] x [batch, K, N]` product (or 2-D
-    without batch indices): XLA:CPU runs low-precision x low-precision -> float32 products in its
-    YNNPACK kernels, and its fallback kernel, which a product with several batch dimensions can
-    reach, refuses them ("Unsupported element type for DotThunk")."""
+    """`einsum(spec, x, y)` -> float32. XLA:CPU runs low-precision x low-precision -> float32
+    products in its YNNPACK kernels, and its fallback kernel, which a product with several batch
+    dimensions can reach, refuses them ("Unsupported element type for DotThunk"); so a product
+    with batch indices runs as one `[batch, M, K] x [batch, K, N]` product. One without (weight
+    products and their gradients) goes to `dot_general` in the operands' own layouts: transposing
+    them first (an activation's copy for each weight gradient) made a bfloat16 linear layer's
+    forward and backward 25% slower on CPU."""
     inputs, out = spec.split("->")
     x_spec, y_spec = inputs.split(",")
     batch = [c for c in out if c in x_spec and c in y_spec]
     contract = [c for c in x_spec if c in y_spec and c not in out]
     x_free = [c for c in x_spec if c not in y_spec]
     y_free = [c for c in y_spec if c not in x_spec]
+    if not batch:
+        contracted = ((tuple(x_spec.index(c) for c in contract), tuple(y_spec.index(c) for c in contract)), ((), ()))
+        product = jax.lax.dot_general(x, y, contracted, preferred_element_type=jnp.float32)
+        return jnp.einsum(f"{''.join(x_free + y_free)}->{out}", product)
     size = dict(zip(x_spec, x.shape)) | dict(zip(y_spec, y.shape))
     prod = lambda idx: int(np.prod([size[c] for c in idx], dtype=np.int64))  # noqa: E731
     lhs = jnp.einsum(f"{x_spec}->{''.join(batch + x_free + contract)}", x)
     rhs = jnp.einsum(f"{y_spec}->{''.join(batch + contract + y_free)}", y)
     lhs = lhs.reshape(prod(batch), prod(x_free), prod(contract))
     rhs = rhs.reshape(prod(batch), prod(contract), prod(y_free))
-    if batch:
-        product = jax.lax.dot_general(lhs, rhs, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
-    else:
-        product = jax.lax.dot_general(lhs[0], rhs[0], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    product = jax.lax.dot_general(lhs, rhs, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
     product = product.reshape([size[c] for c in batch + x_free + y_free])
     return jnp.einsum(f"{''.join(batch + x_free + y_free)}->{out}", product)
 
@@ -200,6 +204,33 @@ def linear(din: int, dout: int, *, dtype, rngs: nnx.Rngs, use_bias: bool = True)
     return Linear(din, dout, dtype=dtype, use_bias=use_bias, rngs=rngs)
 
 
+def broadcast_to(x: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """`jnp.broadcast_to(x, shape)` whose gradient sums over the broadcast dimensions as a product
+    with a vector of ones (float32, highest precision) instead of a reduction: XLA:CPU reduces
+    over leading dimensions about 50x slower than a matrix-vector product does (Swin-B's relative
+    position bias gradients, summed over batch and windows, took a fifth of a bfloat16 step at
+    256 px). The same numbers on every platform, up to float32 summation order."""
+    shape = tuple(shape)
+    padded = (1,) * (len(shape) - x.ndim) + x.shape
+    summed = tuple(i for i, (a, b) in enumerate(zip(padded, shape)) if a == 1 and b != 1)
+    if not summed:
+        return jnp.broadcast_to(x, shape)
+    kept = tuple(i for i in range(len(shape)) if i not in summed)
+
+    @jax.custom_vjp
+    def broadcast(x):
+        return jnp.broadcast_to(x, shape)
+
+    def backward(_, cotangent):
+        rows = jnp.transpose(cotangent, summed + kept).reshape(-1, int(np.prod([shape[i] for i in kept])))
+        total = jnp.dot(jnp.ones(rows.shape[0], rows.dtype), rows, precision=jax.lax.Precision.HIGHEST,
+                        preferred_element_type=jnp.float32)
+        return (total.reshape(x.shape).astype(x.dtype),)
+
+    broadcast.defvjp(lambda x: (broadcast(x), None), backward)
+    return broadcast(x)
+
+
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     """`[B, L, D] -> [B, L, heads, D / heads]`."""
     b, l, d = x.shape
@@ -230,13 +261,16 @@ def dot_product_attention(
     dtype = q.dtype
     qh, kh, vh = (split_heads(t, num_heads) for t in (q, k, v))
     dropout = dropout_rate > 0.0 and dropout_rng is not None
-    if not dropout and not _is_low_precision(q, k, v):
-        out = jax.nn.dot_product_attention(qh, kh, vh, bias=None if bias is None else bias.astype(dtype),
-                                           scale=qh.shape[-1]**-0.5, is_causal=is_causal)
+    low_precision = _is_low_precision(q, k, v)
+    if bias is not None:  # its gradient sums over what it broadcasts over (see `broadcast_to`)
+        bias = broadcast_to(bias.astype(jnp.float32 if low_precision else dtype),
+                            (q.shape[0], num_heads, q.shape[1], k.shape[1]))
+    if not dropout and not low_precision:
+        out = jax.nn.dot_product_attention(qh, kh, vh, bias=bias, scale=qh.shape[-1]**-0.5, is_causal=is_causal)
         return out.reshape(q.shape[:2] + (-1,))
     logits = einsum("bqhd,bkhd->bhqk", qh, kh, out_dtype=jnp.float32) * qh.shape[-1]**-0.5
     if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
+        logits = logits + bias
     if is_causal:
         lq, lk = logits.shape[-2:]
         logits = jnp.where(jnp.tril(jnp.ones((lq, lk), bool)), logits, -jnp.inf)

@@ -31,7 +31,8 @@ import numpy as np
 from flax import nnx
 
 from ovseg_jax.image_ops import resize_bicubic
-from ovseg_jax.models.layers import Conv, Mlp, Stack, dot_product_attention, drop_path, layer_norm, linear
+from ovseg_jax.models.layers import (Conv, Mlp, Stack, broadcast_to, dot_product_attention, drop_path, layer_norm,
+                                     linear)
 
 STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
@@ -158,13 +159,18 @@ class WindowAttention(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         n = self.window**2
         index = relative_position_index(self.window).reshape(-1)
-        bias = self.relative_position_bias_table[...][index].reshape(n, n, self.num_heads)
-        bias = bias.transpose(2, 0, 1)[None]  # [1, heads, N, N]
+        bias = self.relative_position_bias_table[...][index].reshape(n, n, self.num_heads).transpose(2, 0, 1)
+        b, windows, _, c = x.shape
+        # The windows of all images form one batch, each with its window's bias (+ shift mask). The
+        # learned bias's gradient sums over images and windows in one `broadcast_to` (not through a
+        # vmap over images and a broadcasting `+ mask`, whose gradient reductions were slow on CPU).
+        bias = broadcast_to(bias, (b, windows, self.num_heads, n, n))
         if mask is not None:
-            bias = bias + mask[:, None]  # [num_windows, heads, N, N]
-        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
-        attend = jax.vmap(lambda q, k, v: dot_product_attention(q, k, v, self.num_heads, bias=bias))
-        return self.proj(attend(q, k, v))
+            bias = bias + mask[:, None]  # [num_windows, 1, N, N], a constant
+        bias = bias.reshape(b * windows, self.num_heads, n, n)
+        q, k, v = jnp.split(self.qkv(x).reshape(b * windows, n, 3 * c), 3, axis=-1)
+        out = dot_product_attention(q, k, v, self.num_heads, bias=bias)
+        return self.proj(out.reshape(b, windows, n, c))
 
 
 class SwinBlock(nnx.Module):
