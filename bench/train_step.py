@@ -208,7 +208,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iters", type=int, default=3, help="timed rounds (each implementation once per round)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed rounds before the timed ones (in each order)")
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers reference")
     args = parser.parse_args()
 

@@ -42,9 +42,12 @@ def world(tmp_path_factory):
 
 
 def _train(model, loss_fn, batch, *, steps: int, lr: float):
-    """Full-batch AdamW (clipped at norm 1) for `steps` steps -> the trained model."""
+    """Full-batch AdamW (clipped at norm 1, learning rate decaying from `lr` to 0 on a cosine) for
+    `steps` steps -> the trained model. At a constant rate the fitted images' mIoU kept swinging
+    between 86 and 100 from step to step, so float32 summation-order changes decided the outcome."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.01))
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=0.01))
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, key):
