@@ -77,7 +77,7 @@ def test_demo_segmenter_overfits_a_few_images(world):
     config = _synthetic_config_module().segmenter_config()
     model = segmenter_task.SegmenterWithTextBank(Segmenter(config, rngs=nnx.Rngs(0)), bank, LossWeights(), 0.1)
 
-    model = _train(model, segmenter_task.loss, batch, steps=500, lr=1e-3)
+    model = _train(model, segmenter_task.loss, batch, steps=300, lr=1e-3)
 
     outputs = model(normalize_images(batch["image"]))
     confusion = ConfusionMatrix(len(source.class_names), source.ignore_value)
