@@ -79,8 +79,8 @@ def test_swin_matches_transformers_swin_backbone(swin, hf_swin_backbone):
 def test_swin_gradients_match_transformers(swin, hf_swin_backbone):
     """Every parameter's gradient (relative position bias tables included: their gradient sums over
     images and shifted, masked windows) equals transformers' for the same loss."""
-    _, _, hf_model = hf_swin_backbone
-    weights = [np.random.RandomState(i).randn(*r.shape).astype(np.float32) for i, r in enumerate(hf_swin_backbone[1])]
+    _, ref, hf_model = hf_swin_backbone
+    weights = [np.random.RandomState(i).randn(*r.shape).astype(np.float32) for i, r in enumerate(ref)]
     hf_model.zero_grad()
     sum((f * torch.from_numpy(w)).sum() for f, w in zip(hf_model(torch.from_numpy(IMAGES)).feature_maps, weights)).backward()
     expected = SwinTransformer(SwinConfig(**SWIN_KW), rngs=nnx.Rngs(1))

@@ -108,6 +108,16 @@ def test_adamw_groups_clipping_and_freezing_match_torch(norm_given):
     np.testing.assert_array_equal(np.asarray(params["frozen/w"]), init["frozen/w"])
 
 
+def test_clipping_uses_the_norm_it_is_given():
+    """The trainer's norm is the one that scales: 4.0 given, max 1.0 -> every update x 0.25."""
+    grads = {"w": jnp.array([3.0, 4.0])}  # its own norm is 5
+    clip = optim.clip_by_global_norm_torch(1.0)
+    given, _ = clip.update(grads, clip.init(grads), grad_norm=jnp.float32(4.0))
+    computed, _ = clip.update(grads, clip.init(grads))
+    np.testing.assert_allclose(given["w"], [0.75, 1.0], rtol=1e-5)
+    np.testing.assert_allclose(computed["w"], [0.6, 0.8], rtol=1e-5)
+
+
 def _train(stage, steps, **kw):
     trainer = Trainer(tiny_config(stage, **kw))
     if stage == "ft":  # start at the clamp, as OpenAI's weights do
