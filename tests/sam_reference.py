@@ -21,6 +21,7 @@ non-trivial (the reference initialises `pos_embed` and the relative position tab
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import sys
 import types
 from functools import partial
@@ -80,7 +81,14 @@ def _resize(image, size):
 
 
 def install_torchvision_stand_in() -> None:
-    """Register the stand-in modules unless a working torchvision is importable."""
+    """Register the stand-in modules unless a working torchvision is importable.
+
+    Only the two leaf modules segment_anything imports from are registered (with module specs);
+    `sys.modules["torchvision"]` is set to None, which `from torchvision.ops.boxes import ...`
+    never looks at but `importlib.util.find_spec("torchvision")` reads as "not installed", so
+    transformers (which probes for torchvision) keeps behaving as it does without it."""
+    if getattr(sys.modules.get("torchvision.ops.boxes"), "__stand_in__", False):
+        return
     try:
         import torchvision.ops  # noqa: F401
 
@@ -88,20 +96,15 @@ def install_torchvision_stand_in() -> None:
     except Exception:  # absent, or its C operators do not load
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[name]
-    modules = {name: types.ModuleType(name) for name in (
-        "torchvision", "torchvision.ops", "torchvision.ops.boxes",
-        "torchvision.transforms", "torchvision.transforms.functional")}
-    modules["torchvision.ops.boxes"].box_area = _box_area
-    modules["torchvision.ops.boxes"].batched_nms = _batched_nms
-    modules["torchvision.ops"].boxes = modules["torchvision.ops.boxes"]
-    modules["torchvision.ops"].box_area = _box_area
-    modules["torchvision.ops"].batched_nms = _batched_nms
-    modules["torchvision.transforms.functional"].resize = _resize
-    modules["torchvision.transforms.functional"].to_pil_image = _to_pil_image
-    modules["torchvision.transforms"].functional = modules["torchvision.transforms.functional"]
-    modules["torchvision"].ops = modules["torchvision.ops"]
-    modules["torchvision"].transforms = modules["torchvision.transforms"]
-    sys.modules.update(modules)
+    boxes = types.ModuleType("torchvision.ops.boxes")
+    boxes.box_area, boxes.batched_nms = _box_area, _batched_nms
+    functional = types.ModuleType("torchvision.transforms.functional")
+    functional.resize, functional.to_pil_image = _resize, _to_pil_image
+    for module in (boxes, functional):
+        module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
+        module.__stand_in__ = True
+        sys.modules[module.__name__] = module
+    sys.modules["torchvision"] = None
 
 
 def import_segment_anything():
