@@ -1,0 +1,1 @@
+"""Inference pipelines built on the models."""
