@@ -4,6 +4,7 @@ greedy `batched_nms` written independently of ours)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -254,3 +255,113 @@ def test_generator_refuses_bad_arguments(models):
         AutomaticMaskGenerator(sam, output_mode="png")
     with pytest.raises(ValueError, match="uint8"):
         AutomaticMaskGenerator(sam).generate(np.zeros((20, 30, 3), np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+
+# segment_anything's scripts/amg.py writes this header (and one row per mask) into metadata.csv.
+REFERENCE_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
+                    "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
+CLI_SETTINGS = ["--points-per-side", "24", "--points-per-batch", "50", "--pred-iou-thresh", "0.5",
+                "--stability-score-thresh", "0.3", "--box-nms-thresh", "0.9"]
+GENERATOR_SETTINGS = dict(points_per_side=24, points_per_batch=50, **LOW_THRESHOLDS)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Two images (cat.png, noise.png) and a text file that is no image."""
+    folder = tmp_path_factory.mktemp("amg_inputs")
+    Image.fromarray(photo()).save(folder / "cat.png")
+    Image.fromarray(smooth_noise()).save(folder / "noise.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def run_cli(*args: str) -> int:
+    from ovseg_jax import amg as amg_cli
+
+    return amg_cli.main([str(a) for a in args])
+
+
+def test_cli_writes_mask_folders_as_the_reference(models, image_folder, tmp_path, capsys):
+    _, checkpoint, sam = models
+    assert run_cli("--checkpoint", checkpoint, "--input", image_folder, "--output", tmp_path, *CLI_SETTINGS) == 0
+    assert "Could not load" in capsys.readouterr().err  # notes.txt is skipped
+    generator = AutomaticMaskGenerator(sam, **GENERATOR_SETTINGS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat", "noise"]
+    for stem, image in (("cat", photo()), ("noise", smooth_noise())):
+        records = generator.generate(image)
+        folder = tmp_path / stem
+        assert sorted(p.name for p in folder.iterdir()) == sorted([f"{i}.png" for i in range(len(records))]
+                                                                  + ["metadata.csv"])
+        lines = (folder / "metadata.csv").read_text().split("\n")
+        assert lines[0] == REFERENCE_HEADER and len(lines) == len(records) + 1
+        for i, (record, line) in enumerate(zip(records, lines[1:])):
+            png = Image.open(folder / f"{i}.png")
+            assert png.mode == "L"
+            np.testing.assert_array_equal(np.asarray(png), record["segmentation"] * 255)
+            expected = [i, record["area"], *record["bbox"], *record["point_coords"][0], record["predicted_iou"],
+                        record["stability_score"], *record["crop_box"]]
+            assert line.split(",") == [str(v) for v in expected]
+
+
+def test_cli_writes_coco_rle_json(models, image_folder, tmp_path):
+    mask_utils = pytest.importorskip("pycocotools.mask")
+    _, checkpoint, sam = models
+    assert run_cli("--checkpoint", checkpoint, "--input", image_folder / "cat.png", "--output", tmp_path,
+                   "--convert-to-rle", *CLI_SETTINGS) == 0
+    records = json.loads((tmp_path / "cat.json").read_text())
+    want = AutomaticMaskGenerator(sam, **GENERATOR_SETTINGS).generate(photo())
+    assert len(records) == len(want) > 0
+    for record, expected in zip(records, want):
+        assert set(record) == RECORD_KEYS
+        assert record["segmentation"]["size"] == [100, 150] and isinstance(record["segmentation"]["counts"], str)
+        rle = {"size": record["segmentation"]["size"], "counts": record["segmentation"]["counts"].encode()}
+        np.testing.assert_array_equal(mask_utils.decode(rle).astype(bool), expected["segmentation"])
+        assert {k: record[k] for k in RECORD_KEYS - {"segmentation", "point_coords"}} == \
+            {k: expected[k] for k in RECORD_KEYS - {"segmentation", "point_coords"}}
+        assert record["point_coords"] == expected["point_coords"]
+
+
+def test_cli_refuses_bad_inputs_in_one_line(models, image_folder, tmp_path, capsys):
+    _, checkpoint, _ = models
+    not_sam = tmp_path / "not_sam.pth"
+    torch.save({"visual.conv1.weight": torch.zeros(2, 3, 4, 4)}, not_sam)
+    (tmp_path / "taken" / "cat").mkdir(parents=True)
+    cases = [
+        (["--checkpoint", tmp_path / "missing.pth", "--input", image_folder], "missing.pth"),
+        (["--checkpoint", checkpoint, "--input", tmp_path / "nowhere"], "nowhere"),
+        (["--checkpoint", not_sam, "--input", image_folder], "not a SAM checkpoint"),
+        (["--checkpoint", checkpoint, "--input", image_folder, "--model-type", "vit_b"], "is not vit_b"),
+        (["--checkpoint", checkpoint, "--input", image_folder / "cat.png", "--output", tmp_path / "taken"],
+         "already exists"),
+        (["--checkpoint", checkpoint, "--input", image_folder, "--points-per-side", "2", "--crop-n-layers", "2",
+          "--crop-n-points-downscale-factor", "2"], "no points"),
+    ]
+    for args, message in cases:
+        args = args if "--output" in args else [*args, "--output", tmp_path / "out"]
+        assert run_cli(*args) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_unreadable_image_is_skipped_with_exit_status_1(models, image_folder, tmp_path, capsys):
+    _, checkpoint, _ = models
+    assert run_cli("--checkpoint", checkpoint, "--input", image_folder / "notes.txt", "--output", tmp_path) == 1
+    assert "Could not load" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_dtype_reaches_the_loader(models, image_folder, tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    asked = {}
+
+    def fake_load(path, dtype=jnp.float32, **kwargs):
+        asked["dtype"] = dtype
+        raise ovseg_jax.sam.CheckpointError(f"{path}: stop here")
+
+    monkeypatch.setattr(ovseg_jax.sam, "load", fake_load)
+    assert run_cli("--checkpoint", models[1], "--input", image_folder, "--output", tmp_path, "--dtype", "bfloat16") == 2
+    assert asked["dtype"] == jnp.bfloat16

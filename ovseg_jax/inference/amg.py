@@ -181,12 +181,14 @@ class AutomaticMaskGenerator:
             raise ValueError("points_per_batch and crop_n_points_downscale_factor must be positive and "
                              f"crop_n_layers >= 0; got {points_per_batch}, {crop_n_points_downscale_factor}, "
                              f"{crop_n_layers}")
+        if points_per_side is not None and int(points_per_side / crop_n_points_downscale_factor**crop_n_layers) < 1:
+            raise ValueError(f"crop layer {crop_n_layers} has no points: {points_per_side} points a side divided by "
+                             f"{crop_n_points_downscale_factor} per layer rounds down to 0")
         if points_per_side is not None:
             point_grids = build_all_layer_point_grids(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
         point_grids = [np.asarray(g, dtype=np.float64).reshape(-1, 2) for g in point_grids]
         if any(len(g) == 0 for g in point_grids[: crop_n_layers + 1]):
-            raise ValueError(f"a crop layer has no points: {points_per_side} points per side scaled down by "
-                             f"{crop_n_points_downscale_factor} per layer over {crop_n_layers} layers")
+            raise ValueError("point_grids: every crop layer needs at least one point")
         if len(point_grids) < crop_n_layers + 1:
             raise ValueError(f"point_grids has {len(point_grids)} grids; crop_n_layers={crop_n_layers} needs "
                              f"{crop_n_layers + 1} (one per layer)")
