@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/torch_clip_reference.py
 
-from ovseg_jax.host_memory import keep_freed_memory  # noqa: E402
+from ovseg_jax.utils.host_memory import keep_freed_memory  # noqa: E402
 
 # As the command-line tools do: XLA:CPU steps reuse their buffers instead of page-faulting them afresh.
 keep_freed_memory()
@@ -46,7 +46,7 @@ def interleaved(fns: dict[str, Callable], rounds: int, log: Callable[[str], None
     -> {name: (first-call s, of which tracing + compiling s, median s of the rounds)}. With `rounds=0`
     the "median" is the first call less its compile time (for runs too slow to repeat). `log` gets a
     line per finished call."""
-    from ovseg_jax.compilation import CompileTimer
+    from ovseg_jax.utils.compilation import CompileTimer
 
     first, times = {}, {name: [] for name in fns}
     for name, fn in fns.items():
@@ -140,7 +140,7 @@ def torch_region_logits(clip, bank, image: np.ndarray, binary, size: int):
     import torch
     import torch.nn.functional as F
 
-    from ovseg_jax.masked_crops import CLIP_FILL, CLIP_MEAN, CLIP_STD
+    from ovseg_jax.inference.masked_crops import CLIP_FILL, CLIP_MEAN, CLIP_STD
 
     img = torch.from_numpy(image).permute(2, 0, 1).float()
     valid = binary.flatten(1).any(1).nonzero()[:, 0]

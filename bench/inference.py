@@ -83,7 +83,7 @@ def build(preset: dict, names: list[str], directory: Path, dtypes: list[str]):
 
     import ovseg_jax.clip as oclip
     import ovseg_jax.segmenter as oseg
-    from ovseg_jax.ensemble import Predictor
+    from ovseg_jax.inference.ensemble import Predictor
     from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig
     from ovseg_jax.text import Tokenizer, write_word_vocab
 
@@ -113,9 +113,9 @@ def time_preset(args) -> None:
     import jax
     import torch
 
-    from ovseg_jax.compilation import CompileTimer
+    from ovseg_jax.utils.compilation import CompileTimer
     from ovseg_jax.data import registry
-    from ovseg_jax.ensemble import Predictor
+    from ovseg_jax.inference.ensemble import Predictor
 
     preset = PRESETS[args.preset]
     size, threshold = args.size or preset["size"], preset["threshold"]
@@ -255,9 +255,9 @@ def crop_stats(args) -> None:
 
     from ovseg_jax import evaluate as ev
     from ovseg_jax.data import pipeline, registry
-    from ovseg_jax.demo import load_config
-    from ovseg_jax.ensemble import ensemble_class_probs
-    from ovseg_jax.predict import load_predictor
+    from ovseg_jax.experiments.demo import load_config
+    from ovseg_jax.inference.ensemble import ensemble_class_probs
+    from ovseg_jax.inference.loading import load_predictor
 
     settings = load_config(None).eval
     root = Path(args.root)

@@ -66,7 +66,7 @@ def abstract_model(config, dtype):
         return nnx.eval_shape(lambda: CLIP(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     from ovseg_jax.losses.mask_losses import LossWeights  # noqa: PLC0415
     from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig  # noqa: PLC0415
-    from ovseg_jax.tasks.segmenter import SegmenterWithTextBank  # noqa: PLC0415
+    from ovseg_jax.training.tasks.segmenter import SegmenterWithTextBank  # noqa: PLC0415
 
     cfg = SegmenterConfig.from_dict(config.model.segmenter.to_dict())
     bank = np.zeros((len(config.model.class_names), cfg.clip_dim), np.float32)  # the frozen text bank
@@ -98,7 +98,7 @@ def measure(preset: str, scan: bool, remat: str, dtype: str) -> dict:
     """Compile the recipe's train step for the devices of this process -> times and bytes."""
     import jax  # noqa: PLC0415
 
-    from ovseg_jax.train import DTYPES, Trainer  # noqa: PLC0415
+    from ovseg_jax.training.trainer import DTYPES, Trainer  # noqa: PLC0415
 
     config = recipe(preset)
     config.scan_layers, config.remat, config.dtype = scan, remat, dtype

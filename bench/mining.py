@@ -23,9 +23,9 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from ovseg_jax import mine_pairs
 from ovseg_jax.clip import Clip
 from ovseg_jax.data import synthetic
+from ovseg_jax.mining import miner
 from ovseg_jax.models.clip import CLIP, ClipConfig
 from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig
 from ovseg_jax.text import Tokenizer, write_word_vocab
@@ -69,7 +69,7 @@ def _config(captions: Path, preset: str, batch: int) -> ml_collections.ConfigDic
                **sizes}
     c.min_score = 0.0
     c.mask_format = "rle"
-    return mine_pairs.check_config(c)
+    return miner.check_config(c)
 
 
 def main() -> None:
@@ -86,12 +86,12 @@ def main() -> None:
         captions = _world(tmp, args.images, size)
         config = _config(captions, args.preset, args.batch)
         t0 = time.perf_counter()
-        report = mine_pairs.run(config, tmp / "run0", models=models)
+        report = miner.run(config, tmp / "run0", models=models)
         first = time.perf_counter() - t0
         best = float("inf")
         for r in range(args.repeats):
             t0 = time.perf_counter()
-            mine_pairs.run(_config(captions, args.preset, args.batch), tmp / f"run{r + 1}", models=models)
+            miner.run(_config(captions, args.preset, args.batch), tmp / f"run{r + 1}", models=models)
             best = min(best, time.perf_counter() - t0)
     print(f"preset {args.preset}: {args.images} images of {size[0]}x{size[1]}, batch {args.batch}, "
           f"{jax.devices()[0].platform} x{len(jax.local_devices())}")

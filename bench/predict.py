@@ -118,9 +118,9 @@ def main() -> None:
     import ovseg_jax.segmenter as oseg
     from ovseg_jax.data.sources import read_image
     from ovseg_jax.data.transforms import resize_image, resized_hw
-    from ovseg_jax.compilation import CompileTimer
-    from ovseg_jax.ensemble import Predictor
-    from ovseg_jax.predict import predict_files
+    from ovseg_jax.utils.compilation import CompileTimer
+    from ovseg_jax.inference.ensemble import Predictor
+    from ovseg_jax.inference.files import predict_files
 
     preset = PRESETS[args.preset]
     with tempfile.TemporaryDirectory() as tmp:

@@ -37,9 +37,9 @@ import train_step  # bench/train_step.py: the segmenter batch and the trainer st
 from common import seconds  # bench/common.py
 from ovseg_jax.losses.mask_losses import LossWeights, maskformer_loss
 from ovseg_jax.losses.matcher import hungarian_match, matching_cost
-from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig, normalize_images, open_vocab_logits
 from ovseg_jax.models.layers import einsum
-from ovseg_jax.train import Trainer
+from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig, normalize_images, open_vocab_logits
+from ovseg_jax.training.trainer import Trainer
 
 DTYPES = ("float32", "bfloat16")
 STEP = "full train step"

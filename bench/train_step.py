@@ -32,7 +32,7 @@ import numpy as np
 
 from ovseg_jax import configs
 from ovseg_jax.models.clip import ClipConfig
-from ovseg_jax.train import Trainer
+from ovseg_jax.training.trainer import Trainer
 
 from common import interleaved  # bench/common.py
 

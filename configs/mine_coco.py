@@ -8,7 +8,7 @@ Variants: "" (COCO 2017 layout: `datasets/coco/annotations/captions_train2017.js
 `datasets/coco/train2017/`), "tfds" (TFDS `coco_captions` train split, Karpathy's; needs
 `tfds build coco_captions --file_format=array_record` once), "both" (caption pairs plus the
 COCO-Stuff 171 ground-truth pairs, the appendix's Table 5). Nouns: the offline vocabulary
-(COCO-Stuff 171 in caption wording plus synonyms, `ovseg_jax.nouns.coco_vocabulary`);
+(COCO-Stuff 171 in caption wording plus synonyms, `ovseg_jax.mining.nouns.coco_vocabulary`);
 `--config.nouns.extractor=nltk` for NLTK's tagger. One caption per image (the released
 `coco_proposal_1cap`); `--config.data.captions=all` for every caption. The segmenter and the
 pre-trained CLIP ViT-L/14 (mask prompts off: the adaptation is what the pairs are for) are
@@ -17,7 +17,8 @@ the released OVSeg checkpoint and OpenAI's weights.
 
 import ml_collections
 
-from ovseg_jax import configs, mine_pairs
+from ovseg_jax import configs
+from ovseg_jax.mining import miner
 
 VARIANTS = ("tfds", "both")
 
@@ -39,4 +40,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg == "both":
         c.sources = "both"
         c.gt = {"dataset": "coco_stuff_171", "root": "datasets", "split": "train", "min_pixels": 64}
-    return mine_pairs.check_config(c)
+    return miner.check_config(c)

@@ -14,7 +14,7 @@ on `world/mined/pairs.jsonl`.
 
 import ml_collections
 
-from ovseg_jax import mine_pairs
+from ovseg_jax.mining import miner
 
 TEMPLATES = ("a {}",)  # the world's caption phrasing, as configs/synthetic.py
 
@@ -34,4 +34,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.min_area = 0.0
     c.mask_format = "rle"
     c.agreement = f"synthetic:{world}"
-    return mine_pairs.check_config(c)
+    return miner.check_config(c)

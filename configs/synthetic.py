@@ -15,8 +15,9 @@ and writes the merged OVSeg checkpoint.
 
 import ml_collections
 
-from ovseg_jax import ablate, configs
+from ovseg_jax import configs
 from ovseg_jax.data import synthetic
+from ovseg_jax.experiments import ablation
 from ovseg_jax.models.clip import ClipConfig
 from ovseg_jax.models.maskformer import SegmenterConfig
 from ovseg_jax.models.swin import SwinConfig
@@ -51,13 +52,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Variants: "" (the demo, a few minutes on 2 CPU cores), "quick" (a handful of steps per stage) and
     "mined" (the demo with the CLIP stages on `world/mined/pairs.jsonl`, see `MINED_PAIRS`),
     optionally followed by ",<plan>": the appendix's CLIP adaptation plans of `ovseg_jax.ablate`
-    (`ablate.PLAN_NAMES`: "mpt_ft", "joint", "vpt", "mpt_d1", "ft_mpt_d6", ...) in place of the
+    (`ablation.PLAN_NAMES`: "mpt_ft", "joint", "vpt", "mpt_d1", "ft_mpt_d6", ...) in place of the
     clip_ft -> clip_mpt stages, e.g. `configs/synthetic.py:mpt_ft` or `configs/synthetic.py:quick,joint`."""
     arg, _, plan = (arg or "").partition(",")
-    if arg in ablate.PLAN_NAMES:
+    if arg in ablation.PLAN_NAMES:
         arg, plan = "", arg
     if plan:
-        return ablate.with_plan(get_config(arg), plan)
+        return ablation.with_plan(get_config(arg), plan)
     if (arg or "") not in VARIANTS:
         raise ValueError(f"configs/synthetic.py: unknown variant {arg!r}; expected one of {VARIANTS}")
     quick = arg == "quick"
@@ -73,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict({"kind": kind, "path": path, "tokenizer": tokenizer, "root": root,
                                           "generate": generate, "num_workers": 0})
 
-    # Zero-shot accuracy of masked ground-truth regions of val over all 20 names (ovseg_jax.zero_shot).
+    # Zero-shot accuracy of masked ground-truth regions of val over all 20 names (ovseg_jax.evaluation.zero_shot).
     clip_eval = ml_collections.ConfigDict({"dataset": "synthetic", "root": root, "split": "val",
                                            "max_examples": max_examples, "templates": TEMPLATES,
                                            "unseen": list(synthetic.UNSEEN)})

@@ -12,7 +12,8 @@ prompts (depth as vitb_mpt.py) at once from OpenAI's weights, the prompts at MPT
 weight decay 0 through the optimiser's per-parameter multipliers.
 """
 
-from ovseg_jax import ablate, configs
+from ovseg_jax import configs
+from ovseg_jax.experiments import ablation
 from ovseg_jax.models.clip import ClipConfig
 
 
@@ -20,7 +21,7 @@ VARIANTS = ("after_mpt", "joint")
 
 
 def get_config(arg=None):
-    options = ablate.parse_variant(arg, VARIANTS, config="configs/vitb_ft.py")
+    options = ablation.parse_variant(arg, VARIANTS, config="configs/vitb_ft.py")
     c = configs.clip_finetune(ClipConfig.vit_b16(), lr=5e-6, total_steps=5 * 863, warmup_steps=100,
                               batch_size=512)
     c.init_from = "weights/ViT-B-16.pt"
@@ -29,5 +30,5 @@ def get_config(arg=None):
     c.checkpoint.interval = 500
     if not options:
         return c
-    mpt = ablate.sibling_config(__file__, "vitb_mpt.py")
-    return ablate.ft_recipe_variant(c, mpt, options, mpt_workdir="runs/vitb_mpt_no_ft")
+    mpt = ablation.sibling_config(__file__, "vitb_mpt.py")
+    return ablation.ft_recipe_variant(c, mpt, options, mpt_workdir="runs/vitb_mpt_no_ft")

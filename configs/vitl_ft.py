@@ -16,7 +16,8 @@ prompts (depth as vitl_mpt.py) at once from OpenAI's weights, the prompts at MPT
 weight decay 0 through the optimiser's per-parameter multipliers.
 """
 
-from ovseg_jax import ablate, configs
+from ovseg_jax import configs
+from ovseg_jax.experiments import ablation
 from ovseg_jax.models.clip import ClipConfig
 
 
@@ -24,7 +25,7 @@ VARIANTS = ("after_mpt", "joint")
 
 
 def get_config(arg=None):
-    options = ablate.parse_variant(arg, VARIANTS, config="configs/vitl_ft.py")
+    options = ablation.parse_variant(arg, VARIANTS, config="configs/vitl_ft.py")
     c = configs.clip_finetune(ClipConfig.vit_l14(), lr=5e-6, total_steps=5 * 3454, warmup_steps=100,
                               batch_size=128)
     c.init_from = "weights/ViT-L-14.pt"
@@ -33,5 +34,5 @@ def get_config(arg=None):
     c.checkpoint.interval = 1000
     if not options:
         return c
-    mpt = ablate.sibling_config(__file__, "vitl_mpt.py")
-    return ablate.ft_recipe_variant(c, mpt, options, mpt_workdir="runs/vitl_mpt_no_ft")
+    mpt = ablation.sibling_config(__file__, "vitl_mpt.py")
+    return ablation.ft_recipe_variant(c, mpt, options, mpt_workdir="runs/vitl_mpt_no_ft")

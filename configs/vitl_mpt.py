@@ -16,7 +16,8 @@ tokens at the first 6 layers, the appendix's 50 per 256 patches) instead of mask
 the same optimiser and steps (Table 4 with `no_ft`).
 """
 
-from ovseg_jax import ablate, configs
+from ovseg_jax import configs
+from ovseg_jax.experiments import ablation
 from ovseg_jax.models.clip import ClipConfig
 
 
@@ -24,11 +25,11 @@ VARIANTS = ("no_ft", "depth1", "depth3", "depth6", "depth12", "vpt")
 
 
 def get_config(arg=None):
-    options = ablate.parse_variant(arg, VARIANTS, config="configs/vitl_mpt.py")
+    options = ablation.parse_variant(arg, VARIANTS, config="configs/vitl_mpt.py")
     c = configs.mask_prompt_tuning(ClipConfig.vit_l14(), depth=3, lr=0.05, total_steps=5 * 3454,
                                    warmup_steps=100, batch_size=128)
     c.init_from = "runs/vitl_ft"
     c.data = configs.clip_pairs_data("data/coco_proposal_1cap/coco_proposal_1cap.csv",
                                      tokenizer=configs.OPENAI_BPE)
     c.checkpoint.interval = 1000
-    return ablate.mpt_recipe_variant(c, options, pretrained="weights/ViT-L-14.pt")
+    return ablation.mpt_recipe_variant(c, options, pretrained="weights/ViT-L-14.pt")

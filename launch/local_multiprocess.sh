@@ -5,7 +5,7 @@
 #   CPU_DEVICES_PER_PROCESS=2 launch/local_multiprocess.sh 2 configs/synthetic.py:clip_ft runs/mp
 #
 # Each process gets OVSEG_COORDINATOR / OVSEG_NUM_PROCESSES / OVSEG_PROCESS_ID (read by
-# ovseg_jax.sharding.initialize_distributed). With CPU_DEVICES_PER_PROCESS set, processes run on
+# ovseg_jax.training.sharding.initialize_distributed). With CPU_DEVICES_PER_PROCESS set, processes run on
 # CPU with that many simulated devices each; with GPUs, process i sees GPU i only.
 set -euo pipefail
 if [ $# -lt 3 ]; then

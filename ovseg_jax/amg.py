@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m ovseg_jax.amg ...` -> exit status (0 ok, 2 bad input, 1 when no image could be read)."""
-    from ovseg_jax.host_memory import keep_freed_memory  # noqa: PLC0415
+    from ovseg_jax.utils.host_memory import keep_freed_memory  # noqa: PLC0415
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ovseg_jax import checkpoint
 from ovseg_jax.convert import clip_keys
 from ovseg_jax.convert.params import nnx_to_torch, torch_to_nnx
+from ovseg_jax.training import checkpoint
 from ovseg_jax.convert.torch_io import (SIDECAR_SUFFIX, CheckpointError, check_sidecar_fields, read_json,
                                         read_safetensors, read_sidecar, read_state_dict, write_safetensors,
                                         write_sidecar, write_torch_file)
@@ -223,10 +223,10 @@ def _with_tokenizer(model: CLIP, tokenizer, default_dir: Path | None) -> Clip:
 
 def _run_tokenizer(saved: dict, path: Path) -> str | None:
     """The tokenizer a CLIP-stage run used (`config.data.tokenizer`, or a transformers `init_from`
-    with tokenizer files; see tasks/clip_contrastive.tokenizer_path), None if it had none."""
+    with tokenizer files; see text.tokenizer_path), None if it had none."""
     import ml_collections  # noqa: PLC0415
 
-    from ovseg_jax.tasks.clip_contrastive import tokenizer_path  # noqa: PLC0415
+    from ovseg_jax.text import tokenizer_path  # noqa: PLC0415
 
     if not isinstance(saved.get("data"), dict):
         return None

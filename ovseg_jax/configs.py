@@ -3,7 +3,7 @@ reads, its type and default, stated once), `validate`, the reference solvers, an
 first-match helper for the regex policy tables.
 
 Regex tables are matched with `re.search` against flat parameter paths such as
-`visual/transformer/resblocks/0/ln_1/scale` (`ovseg_jax.checkpoint.key_path_str`). Sequences are
+`visual/transformer/resblocks/0/ln_1/scale` (`ovseg_jax.training.checkpoint.key_path_str`). Sequences are
 tuples so that `--config.x='(...)'` can override them (ml_collections cannot parse lists).
 """
 

@@ -22,61 +22,10 @@ with the CLIP (written into `hf` directories). Unreadable or unfitting inputs en
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
-import sys
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
-from ovseg_jax.convert.torch_io import CheckpointError
-
-FORMATS = ("ovseg", "openai", "hf")
-
-
-@contextlib.contextmanager
-def exit_on_error() -> Iterator[None]:
-    """For command-line entry points: a CheckpointError / ValueError / OSError (FileNotFoundError,
-    PermissionError, ...) becomes `error: <message>` on stderr and exit status 2 (no traceback)."""
-    try:
-        yield
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def cli_logging() -> None:
-    """Log this package's INFO lines to stderr, and only orbax's (absl's) errors."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s:%(name)s: %(message)s")
-    for name in ("ovseg_jax", "__main__"):
-        logging.getLogger(name).setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.ERROR)
-
-
-def export(source: str | Path, format: str, out: str | Path, *, clip: str | Path | None = None,
-           tokenizer: str | Path | None = None) -> Path:
-    """Write the model(s) of `source` (and `clip`, for "ovseg") to `out` in `format` -> `out`."""
-    import ovseg_jax.clip as oclip  # noqa: PLC0415
-    import ovseg_jax.segmenter as osegmenter  # noqa: PLC0415
-
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
-    if format != "ovseg":
-        if clip is not None:
-            raise ValueError(f"--clip is for --format ovseg; for {format}, --from is the CLIP to export")
-        return oclip.export(oclip.load(source, tokenizer=tokenizer), out, format=format)
-    segmenter = osegmenter.load(source)
-    if clip is None:
-        try:
-            adapted = oclip.load(source, tokenizer=tokenizer)
-        except CheckpointError as e:
-            raise CheckpointError(f"{source} holds no CLIP to put into the OVSeg checkpoint ({e}); "
-                                  "pass --clip") from None
-    else:
-        adapted = oclip.load(clip, tokenizer=tokenizer)
-    if adapted.config.embed_dim != segmenter.config.clip_dim:
-        raise ValueError(f"the CLIP embeds to {adapted.config.embed_dim} but the segmenter's open-vocabulary "
-                         f"head has clip_dim {segmenter.config.clip_dim}")
-    return osegmenter.export(segmenter, out, clip=adapted)
+from ovseg_jax.convert.export import FORMATS, export
+from ovseg_jax.utils.cli import cli_logging, exit_on_error
 
 
 def main(argv: Sequence[str] | None = None) -> None:

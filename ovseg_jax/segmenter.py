@@ -30,13 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ovseg_jax import checkpoint
 from ovseg_jax.convert import backbone_keys, segmenter_keys as keys
 from ovseg_jax.convert.params import nnx_to_torch, torch_to_nnx
+from ovseg_jax.training import checkpoint
 from ovseg_jax.convert.torch_io import (SIDECAR_SUFFIX, CheckpointError, check_sidecar_fields, read_json,
                                         read_safetensors, read_sidecar, read_state_dict, write_safetensors,
                                         write_sidecar, write_torch_file)
-from ovseg_jax.masked_crops import CLIP_MEAN, CLIP_STD
+from ovseg_jax.inference.masked_crops import CLIP_MEAN, CLIP_STD
 from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig
 from ovseg_jax.models.resnet import ResNetConfig
 from ovseg_jax.models.swin import SwinConfig, relative_position_index

@@ -17,7 +17,7 @@ small image (`warm_up`); requests take turns on it (one lock), so concurrent req
                        no checkpoint loaded); 500 the same for a failure inside the model (traceback in the log)
 
 Inference is `ovseg_jax.predict` (`preprocess`, `render`, `summarize`) on an
-`ovseg_jax.ensemble.Predictor`; a request with another mode, λ or threshold gets its own Predictor
+`ovseg_jax.inference.ensemble.Predictor`; a request with another mode, λ or threshold gets its own Predictor
 sharing the loaded segmenter and CLIP.
 """
 
@@ -42,12 +42,13 @@ from typing import NamedTuple, NoReturn
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ovseg_jax import visualize
-from ovseg_jax.ensemble import MODES, Predictor, Segmentation, check_class_names
-from ovseg_jax.host_memory import keep_freed_memory
-from ovseg_jax.predict import (MODE_DEFAULTS, RESIZE, load_image, load_predictor, parse_templates, preprocess, render,
-                               summarize)
+from ovseg_jax.inference import visualize
+from ovseg_jax.inference.ensemble import MODES, Predictor, Segmentation, check_class_names
+from ovseg_jax.inference.inputs import load_image, parse_templates, preprocess
+from ovseg_jax.inference.loading import MODE_DEFAULTS, RESIZE, load_predictor
+from ovseg_jax.inference.results import render, summarize
 from ovseg_jax.text import templates as resolve_templates
+from ovseg_jax.utils.host_memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | Non
 
 
 def decode_image(data: bytes, filename: str | None) -> np.ndarray:
-    """Uploaded file bytes -> uint8 `[H, W, 3]` RGB (as `predict.load_image`: EXIF rotation applied,
+    """Uploaded file bytes -> uint8 `[H, W, 3]` RGB (as `inference.inputs.load_image`: EXIF rotation applied,
     16-bit reduced, alpha dropped); RequestError if not an image."""
     what = repr(filename) if filename else "the upload"
     if not data:
@@ -170,10 +171,10 @@ def parse_request(fields: dict[str, tuple[str | None, bytes]]) -> SegmentRequest
 class Service:
     """A loaded Predictor (or None: no checkpoint) serving one request at a time.
 
-    short, max_size: `ovseg_jax.predict.preprocess`'s resize of each upload (reference 1.1); by
-        default the predictor's `resize` (the backbone's test size, `predict.RESIZE`).
+    short, max_size: `ovseg_jax.inference.inputs.preprocess`'s resize of each upload (reference 1.1); by
+        default the predictor's `resize` (the backbone's test size, `inference.loading.RESIZE`).
     A blank λ or threshold on the page means the loaded predictor's value in its own mode and
-    `predict.MODE_DEFAULTS` in the other mode (semantic 0.7 / 0.4, demo 0 / 0.35)."""
+    `inference.loading.MODE_DEFAULTS` in the other mode (semantic 0.7 / 0.4, demo 0 / 0.35)."""
 
     def __init__(self, predictor: Predictor | None, *, checkpoint: str | None = None, short: int | None = None,
                  max_size: int | None = None):
@@ -464,7 +465,7 @@ $("form").addEventListener("submit", async (event) => {
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ovseg_jax.serve", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", help="OVSeg checkpoint (.pth) or what ovseg_jax.predict.load_predictor "
+    parser.add_argument("--checkpoint", help="OVSeg checkpoint (.pth) or what ovseg_jax.inference.loading.load_predictor "
                                              "accepts; without it the page says that no model is loaded")
     parser.add_argument("--tokenizer", help="tokenizer directory or OpenAI BPE file, if not beside the checkpoint")
     parser.add_argument("--host", default="127.0.0.1")
@@ -497,7 +498,7 @@ def main(argv: list[str] | None = None) -> None:
     predictor = None
     if args.checkpoint:
         if args.cache_dir:
-            from ovseg_jax.compilation import enable_cache  # noqa: PLC0415
+            from ovseg_jax.utils.compilation import enable_cache  # noqa: PLC0415
             enable_cache(args.cache_dir)
         kwargs = {k: v for k, v in (("mask_threshold", args.mask_threshold),
                                     ("ensemble_weight", args.ensemble_weight)) if v is not None}

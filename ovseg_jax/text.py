@@ -221,3 +221,15 @@ class Tokenizer:
             seq = [self.sot_token_id, *toks, self.eot_token_id]
             out[row, :len(seq)] = seq
         return out
+
+
+def _has_tokenizer_files(path: str) -> bool:
+    return bool(path) and Path(path).is_dir() and any((Path(path) / f).is_file() for f in ("vocab.json", "tokenizer.json"))
+
+
+def tokenizer_path(config) -> str:
+    """A CLIP stage's tokenizer: `config.data.tokenizer`, or when it is "" a transformers CLIP `init_from` with its own
+    tokenizer files ("" if neither)."""
+    tokenizer = config.data.get("tokenizer") or ""
+    init = config.get("init_from") or ""
+    return tokenizer or (init if _has_tokenizer_files(init) else "")

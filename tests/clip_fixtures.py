@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ovseg_jax.text import VILD_TEMPLATES, Tokenizer, write_word_vocab
+from ovseg_jax.text import Tokenizer, VILD_TEMPLATES, write_word_vocab
 
 CLASS_NAMES = ["red circle", "green square", "blue triangle", "yellow sky", "grass"]
 CROP_SIZE = 64

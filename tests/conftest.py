@@ -18,7 +18,7 @@ def quick_demo(tmp_path_factory):
     Tests must not write into it. Under pytest-xdist (`make test`) the workers share one run: the
     first to need it builds it in the session's common temporary directory, the others wait for it
     and read its `metrics.json` (the dict `demo.run` returned)."""
-    from ovseg_jax import demo
+    from ovseg_jax.experiments import demo
 
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         out = tmp_path_factory.mktemp("quick_demo")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_collections
 import numpy as np
 import pytest
@@ -10,9 +12,11 @@ import torch.nn.functional as F
 from flax import nnx
 
 import ovseg_jax.clip as oclip
-from ovseg_jax import ablate, configs, demo, optim
+from ovseg_jax import ablate, configs
+from ovseg_jax.experiments import ablation, demo
 from ovseg_jax.models.clip import CLIP
-from ovseg_jax.train import Trainer
+from ovseg_jax.training import optim
+from ovseg_jax.training.trainer import Trainer
 from tests.torch_clip_reference import OpenAIClip
 from tests.train_helpers import TINY_CLIP, PairBatches, tiny_config
 
@@ -104,7 +108,7 @@ def test_vpt_init_is_uniform_in_the_vpt_bound_and_config_is_checked():
 # ------------------------------------------------------------------------ plans and recipes
 
 def test_every_plan_of_the_synthetic_config_validates_and_chains_its_stages():
-    for plan in ablate.PLAN_NAMES:
+    for plan in ablation.PLAN_NAMES:
         c = demo.load_config("quick," + plan)
         configs.validate(c)
         assert c.stages[:2] == ["pretrain", "segmenter"]
@@ -115,17 +119,17 @@ def test_every_plan_of_the_synthetic_config_validates_and_chains_its_stages():
     layers = demo.load_config("quick").clip_mpt.model.clip.vision_layers
     assert layers == 3
     # Depths above the tower's layers run as its depth, in one shared stage.
-    stages = ablate.plans(demo.load_config("quick"))
+    stages = ablation.plans(demo.load_config("quick"))
     assert stages["mpt_d6"] == stages["mpt_d12"] == stages["mpt_d3"]
     assert stages["ft_mpt_d12"][1].depth == 3
-    for table in ablate.TABLES.values():
-        assert all(p in ablate.PLAN_NAMES for row in table.rows for p in row.plans)
+    for table in ablation.TABLES.values():
+        assert all(p in ablation.PLAN_NAMES for row in table.rows for p in row.plans)
         assert all(len(row.plans) == len(table.columns) and len(row.paper) in (0, len(table.paper_columns))
                    for row in table.rows)
 
 
 def _recipe(name: str, variant: str = ""):
-    return ablate.sibling_config(__file__, f"../configs/{name}.py", variant)
+    return ablation.sibling_config(__file__, f"../configs/{name}.py", variant)
 
 
 def test_real_recipe_variants_keep_defaults_and_set_the_appendix_settings():
@@ -158,10 +162,10 @@ def one_step():
     random init: {stage name: (stage, trainer, params before, params after)}."""
     base = ml_collections.ConfigDict({"clip_ft": tiny_config("ft", lr=FT_LR), "clip_mpt": tiny_config("mpt", lr=MPT_LR)})
     # (Table 5's stages are FT on other pairs files: the same stage here.)
-    stages = {s.name: s for plan in ablate.plans(base).values() for s in plan if not s.pairs}
+    stages = {s.name: s for plan in ablation.plans(base).values() for s in plan if not s.pairs}
     out = {}
     for name, stage in stages.items():
-        trainer = Trainer(ablate.stage_config(base, stage, ""))
+        trainer = Trainer(ablation.stage_config(base, stage, ""))
         before = {k: np.asarray(v) for k, v in trainer.state["params"].items()}
         trainer.fit(PairBatches(8), num_steps=1)
         out[name] = (stage, trainer, before, {k: np.asarray(v) for k, v in trainer.state["params"].items()})
@@ -203,19 +207,19 @@ def test_joint_tuning_gives_the_prompts_mpt_lr_and_no_decay_and_the_tower_ft_lr(
 
 def test_table_5_plans_differ_only_in_the_pairs_file():
     c = demo.load_config("quick")
-    stages = ablate.plans(c)
-    built = {p: ablate.stage_config(c, stages[p][-1], "{workdir}/pretrain").to_dict()
-             for row in ablate.TABLES[5].rows for p in row.plans}
+    stages = ablation.plans(c)
+    built = {p: ablation.stage_config(c, stages[p][-1], "{workdir}/pretrain").to_dict()
+             for row in ablation.TABLES[5].rows for p in row.plans}
     paths = {p: b["data"].pop("path") for p, b in built.items()}
     assert built["ft"] == built["ft_cap"] == built["ft_both"]
     root = c.clip_ft.data.root
     assert paths == {"ft": f"{root}/pairs.jsonl", "ft_cap": f"{root}/mined/pairs.jsonl",
                      "ft_both": f"{root}/mined_both/pairs.jsonl"}
-    assert {s.pairs for p in paths for s in stages[p] if s.pairs} == set(ablate.MINED)
+    assert {s.pairs for p in paths for s in stages[p] if s.pairs} == set(ablation.MINED)
 
 
 def test_cli_refuses_unknown_tables_and_a_folder_that_is_no_demo_output():
     with pytest.raises(SystemExit):
         ablate.main(["--table", "6"])
     with pytest.raises(FileNotFoundError, match="demo output directory"):
-        ablate.check_demo_dir(ablate.Path("/nonexistent/demo"))
+        ablation.check_demo_dir(Path("/nonexistent/demo"))

@@ -382,7 +382,7 @@ def eval_split_with_bad_files(tmp_path_factory):
 
 def test_evaluation_skips_and_counts_bad_examples(eval_split_with_bad_files, caplog):
     from ovseg_jax.data import pipeline
-    from ovseg_jax.evaluate import evaluate_dataset
+    from ovseg_jax.evaluation.evaluator import evaluate_dataset
 
     source = eval_split_with_bad_files
     examples = pipeline.eval_loader(source, short=8, max_size=16, bucket=32, process_index=0, process_count=1)
@@ -396,7 +396,7 @@ def test_evaluation_skips_and_counts_bad_examples(eval_split_with_bad_files, cap
 
 def test_evaluation_can_still_stop_at_a_bad_example(eval_split_with_bad_files):
     from ovseg_jax.data import pipeline
-    from ovseg_jax.evaluate import evaluate_dataset
+    from ovseg_jax.evaluation.evaluator import evaluate_dataset
 
     source = eval_split_with_bad_files
     examples = pipeline.eval_loader(source, short=8, max_size=16, bucket=32, process_index=0, process_count=1,
@@ -406,8 +406,8 @@ def test_evaluation_can_still_stop_at_a_bad_example(eval_split_with_bad_files):
 
 
 def test_resizing_to_or_from_nothing_is_refused():
-    from ovseg_jax.image_ops import resize_bilinear
-    from ovseg_jax.ensemble import predict_labels
+    from ovseg_jax.utils.image_ops import resize_bilinear
+    from ovseg_jax.inference.ensemble import predict_labels
 
     with pytest.raises(ValueError, match="cannot resize 4x5 to 0x3"):
         resize_bilinear(np.zeros((1, 4, 5, 2), np.float32), (0, 3))

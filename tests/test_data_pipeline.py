@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from ovseg_jax.data import crops, pipeline, registry, synthetic
-from ovseg_jax.masked_crops import CLIP_MEAN, CLIP_STD
+from ovseg_jax.inference.masked_crops import CLIP_MEAN, CLIP_STD
 
 
 @pytest.fixture(scope="module")

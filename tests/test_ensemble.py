@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovseg_jax.evaluate import ConfusionMatrix
-from ovseg_jax.ensemble import (Proposals, combine, demo_scores, ensemble_class_probs, filtered_clip_logits,
+from ovseg_jax.evaluation.metrics import ConfusionMatrix
+from ovseg_jax.inference.ensemble import (Proposals, combine, demo_scores, ensemble_class_probs, filtered_clip_logits,
                                 mask_probabilities, predict_labels, proposal_ranking, top_proposals)
 
 TOL = 1e-4
@@ -225,7 +225,7 @@ def test_seen_and_unseen_miou():
     (dict(clip_top_k=4, mode="demo", ensemble_weight=0.0), "clip_top_k is for the semantic mode"),
 ])
 def test_clip_top_k_settings_are_checked(kwargs, message):
-    from ovseg_jax.ensemble import Predictor
+    from ovseg_jax.inference.ensemble import Predictor
 
     with pytest.raises(ValueError, match=message):
         Predictor(None, None, **kwargs)  # refused before the models are looked at

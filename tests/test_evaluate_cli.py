@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ovseg_jax import evaluate as ev
-from ovseg_jax.masked_crops import CLIP_MEAN, CLIP_STD, masked_crops
+from ovseg_jax.evaluation import evaluator, metrics, seen
+from ovseg_jax.evaluation.report import SEEN_COLOUR, UNSEEN_COLOUR
+from ovseg_jax.inference.masked_crops import CLIP_MEAN, CLIP_STD, masked_crops
 
 # ---------------------------------------------------------------------------------------------
 # Metrics and parsing (no model)
@@ -49,7 +51,7 @@ def test_metrics_match_a_numpy_reference():
     pred = np.where(rs.rand(*gt.shape) < 0.6, gt, rs.randint(0, 5, size=gt.shape))  # 4 predicted, 5 never
     pred[gt == ignore] = 5  # predictions on ignored pixels do not count
     pred = np.where(pred == ignore, 0, pred)
-    matrix = ev.ConfusionMatrix(c, ignore)
+    matrix = metrics.ConfusionMatrix(c, ignore)
     for p, g in zip(pred, gt):
         matrix.update(p, g)
     names = [f"class{i}" for i in range(c)]
@@ -69,21 +71,21 @@ def test_metrics_match_a_numpy_reference():
 
 
 def test_sweep_values_and_their_errors():
-    assert ev.parse_values("0,0.1,...,1") == [round(0.1 * k, 10) for k in range(11)]
-    assert ev.parse_values("0.6,0.65,...,0.8") == [0.6, 0.65, 0.7, 0.75, 0.8]
-    assert ev.parse_sweeps(["lambda=0,0.5", "threshold=0.4"]) == {"lambda": [0.0, 0.5], "threshold": [0.4]}
+    assert evaluator.parse_values("0,0.1,...,1") == [round(0.1 * k, 10) for k in range(11)]
+    assert evaluator.parse_values("0.6,0.65,...,0.8") == [0.6, 0.65, 0.7, 0.75, 0.8]
+    assert evaluator.parse_sweeps(["lambda=0,0.5", "threshold=0.4"]) == {"lambda": [0.0, 0.5], "threshold": [0.4]}
     for bad in (["lambda=0,x"], ["gamma=0.1"], ["lambda=0.5,...,1"], ["threshold=1.5"]):
         with pytest.raises(ValueError):
-            ev.parse_sweeps(bad)
-    assert ev.grid([0.0, 0.5], [0.3, 0.4]) == [ev.Setting(0.0, 0.3), ev.Setting(0.5, 0.3), ev.Setting(0.0, 0.4),
-                                             ev.Setting(0.5, 0.4)]
+            evaluator.parse_sweeps(bad)
+    assert evaluator.grid([0.0, 0.5], [0.3, 0.4]) == [evaluator.Setting(0.0, 0.3), evaluator.Setting(0.5, 0.3), evaluator.Setting(0.0, 0.4),
+                                             evaluator.Setting(0.5, 0.4)]
 
 
 def test_seen_classes_match_coco_stuff_names_and_synonyms():
     coco = ["person", "airplane", "couch", "wall-brick", "sky-other", "pavement", "dining table", "shelf"]
     names = ["wall", "sky", "sidewalk, pavement", "aeroplane", "sofa", "diningtable", "shelves",
              "escalator, moving staircase", "skyscraper"]
-    assert ev.coco_seen(names, coco) == [True, True, True, True, True, True, True, False, False]
+    assert seen.coco_seen(names, coco) == [True, True, True, True, True, True, True, False, False]
 
 
 def test_box_crops_keep_the_background_and_match_torch():
@@ -124,8 +126,8 @@ def demo(quick_demo):
     return out, segmenter, clip, registry.get("synthetic").make_source(out / "world", "val")
 
 
-def _predictor(demo, setting: ev.Setting, **kwargs):
-    from ovseg_jax.ensemble import Predictor
+def _predictor(demo, setting: evaluator.Setting, **kwargs):
+    from ovseg_jax.inference.ensemble import Predictor
 
     _, segmenter, clip, _ = demo
     return Predictor(segmenter, clip, mask_threshold=setting.mask_threshold, ensemble_weight=setting.ensemble_weight,
@@ -150,7 +152,7 @@ def test_cli_writes_metrics_table_and_chart(demo, tmp_path, capsys):
     assert set(saved["IoU"]) == set(source.class_names) == set(saved["ACC"])
     # the batched CLI equals the per-image evaluation of the same setting
     examples = pipeline.eval_loader(source, short=128, max_size=512, bucket=32)
-    want = ev.evaluate_dataset(_predictor(demo, ev.Setting(0.6, 0.5)), examples, list(source.class_names),
+    want = evaluator.evaluate_dataset(_predictor(demo, evaluator.Setting(0.6, 0.5)), examples, list(source.class_names),
                                ignore_value=255, unseen=saved["unseen"], max_examples=4, log_every=0)
     for key in ("mIoU", "mIoU_seen", "mIoU_unseen", "fwIoU", "mACC", "pACC"):
         assert saved[key] == pytest.approx(want[key], abs=1e-9), key
@@ -159,17 +161,17 @@ def test_cli_writes_metrics_table_and_chart(demo, tmp_path, capsys):
     chart = Image.open(tmp_path / "per_class_iou.png")
     assert chart.mode == "RGB" and chart.height > 16 * len(source.class_names)
     pixels = np.asarray(chart).reshape(-1, 3)
-    for colour in (ev.SEEN_COLOUR, ev.UNSEEN_COLOUR):  # both groups drawn
+    for colour in (SEEN_COLOUR, UNSEEN_COLOUR):  # both groups drawn
         assert (pixels == colour).all(axis=1).any()
 
 
 def test_sweep_cells_equal_separate_evaluations(demo):
     source = demo[3]
-    settings = ev.grid([0.0, 0.6], [0.3, 0.5])
-    swept = ev.evaluate(_predictor(demo, settings[0]), source, settings, **EVAL)
+    settings = evaluator.grid([0.0, 0.6], [0.3, 0.5])
+    swept = evaluator.evaluate(_predictor(demo, settings[0]), source, settings, **EVAL)
     assert swept.images == 4
     for setting in settings:
-        alone = ev.evaluate(_predictor(demo, setting), source, [setting], **EVAL)
+        alone = evaluator.evaluate(_predictor(demo, setting), source, [setting], **EVAL)
         np.testing.assert_array_equal(swept.confusion[setting], alone.confusion[setting], err_msg=str(setting))
     assert not np.array_equal(swept.confusion[settings[0]], swept.confusion[settings[3]])
 
@@ -182,11 +184,11 @@ def torch_bilinear(scores: np.ndarray, out_hw) -> np.ndarray:
 
 def test_flip_tta_is_the_average_of_the_two_passes(demo):
     source = demo[3]
-    setting = ev.Setting(0.6, 0.5)
+    setting = evaluator.Setting(0.6, 0.5)
     predictor = _predictor(demo, setting)
     names = list(source.class_names)
-    items = list(ev.PassExamples(source, short=128, max_size=512, bucket=32, tta=ev.TTA(flip=True), max_images=2))
-    labels = ev.batch_labels(predictor, items, names, [setting])[setting]
+    items = list(evaluator.PassExamples(source, short=128, max_size=512, bucket=32, tta=evaluator.TTA(flip=True), max_images=2))
+    labels = evaluator.batch_labels(predictor, items, names, [setting])[setting]
     for item, got in zip(items, labels):
         (image, hw, _), (mirrored, _, flag) = item["passes"]
         assert flag and np.array_equal(mirrored[:, :hw[1]], image[:, :hw[1]][:, ::-1])
@@ -204,8 +206,8 @@ def test_box_crops_reach_clip_through_the_predictor(demo):
     source = demo[3]
     names = list(source.class_names)
     _, _, clip, _ = demo
-    masked, box = (_predictor(demo, ev.Setting(0.6, 0.5), crop=c) for c in ("masked", "box"))
-    item = next(iter(ev.PassExamples(source, short=128, max_size=512, bucket=32)))
+    masked, box = (_predictor(demo, evaluator.Setting(0.6, 0.5), crop=c) for c in ("masked", "box"))
+    item = next(iter(evaluator.PassExamples(source, short=128, max_size=512, bucket=32)))
     image, hw, _ = item["passes"][0]
     proposals = box.proposals(image, names, resized_hw=hw)
     logits, valid = box.classify_crops(image, proposals.mask_probs, names)
@@ -222,15 +224,15 @@ def test_box_crops_reach_clip_through_the_predictor(demo):
 def test_clip_top_k_through_the_predictor(demo):
     """k = Q is the paper's path exactly; k = 4: CLIP's logits for the 4 valid proposals of highest
     segmenter confidence x mask area, zero logits (a uniform P_clip) for the other valid ones."""
-    from ovseg_jax.ensemble import combine
+    from ovseg_jax.inference.ensemble import combine
 
     source = demo[3]
     names = list(source.class_names)
-    item = next(iter(ev.PassExamples(source, short=128, max_size=512, bucket=32)))
+    item = next(iter(evaluator.PassExamples(source, short=128, max_size=512, bucket=32)))
     image, hw, _ = item["passes"][0]
-    plain = _predictor(demo, ev.Setting(0.7, 0.4))
+    plain = _predictor(demo, evaluator.Setting(0.7, 0.4))
     q = plain.segmenter.config.num_queries
-    every, top4 = (_predictor(demo, ev.Setting(0.7, 0.4), clip_top_k=k) for k in (q, 4))
+    every, top4 = (_predictor(demo, evaluator.Setting(0.7, 0.4), clip_top_k=k) for k in (q, 4))
     np.testing.assert_array_equal(every.scores(image, names, resized_hw=hw), plain.scores(image, names, resized_hw=hw))
 
     proposals = plain.proposals(image, names, resized_hw=hw)

@@ -23,9 +23,9 @@ from ovseg_jax.convert.params import nnx_to_torch
 from ovseg_jax.convert.torch_io import CheckpointError
 from ovseg_jax.models.clip import CLIP, ClipConfig
 from ovseg_jax.models.maskformer import Segmenter
-from ovseg_jax.tasks.segmenter import model_config
-from ovseg_jax.text import VILD_TEMPLATES, Tokenizer, write_word_vocab
-from ovseg_jax.train import Trainer
+from ovseg_jax.text import Tokenizer, VILD_TEMPLATES, write_word_vocab
+from ovseg_jax.training.tasks.segmenter import model_config
+from ovseg_jax.training.trainer import Trainer
 from tests.test_segmenter import _reference_ovseg_keys
 from tests.test_train_segmenter import CLASSES, tiny_segmenter_config
 from tests.torch_clip_reference import OpenAIClip

@@ -1,4 +1,4 @@
-"""`ovseg_jax.host_memory.keep_freed_memory`: XLA:CPU's per-run temporary buffer is reused instead
+"""`ovseg_jax.utils.host_memory.keep_freed_memory`: XLA:CPU's per-run temporary buffer is reused instead
 of page-faulted afresh (Linux/glibc), checked by counting the minor page faults of a repeated run
 in fresh processes with and without it."""
 
@@ -16,7 +16,7 @@ import pytest
 # arena holds (64 MB), so without the setting each run maps and faults them anew.
 PROGRAM = r"""
 import json, resource, sys
-from ovseg_jax.host_memory import keep_freed_memory
+from ovseg_jax.utils.host_memory import keep_freed_memory
 applied = keep_freed_memory()
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: (jnp.sin(x) @ jnp.cos(x)).sum())

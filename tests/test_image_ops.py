@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovseg_jax import image_ops
-from ovseg_jax.masked_crops import CLIP_MEAN, CLIP_STD, masked_crops
+from ovseg_jax.inference.masked_crops import CLIP_MEAN, CLIP_STD, masked_crops
+from ovseg_jax.utils import image_ops
 
 TOL = 1e-4
 

@@ -19,11 +19,11 @@ import pytest
 from flax import nnx
 
 from ovseg_jax.data import registry, synthetic, transforms
-from ovseg_jax.evaluate import ConfusionMatrix
-from ovseg_jax.ensemble import Proposals, combine, mask_probabilities
+from ovseg_jax.evaluation.metrics import ConfusionMatrix
+from ovseg_jax.inference.ensemble import Proposals, combine, mask_probabilities
 from ovseg_jax.losses.mask_losses import LossWeights
 from ovseg_jax.models.maskformer import Segmenter, normalize_images
-from ovseg_jax.tasks import segmenter as segmenter_task
+from ovseg_jax.training.tasks import segmenter as segmenter_task
 
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "synthetic.py"
 
@@ -92,7 +92,7 @@ def test_demo_segmenter_overfits_a_few_images(world):
 def test_demo_clip_pretraining_separates_the_classes(world, tmp_path):
     """The demo's CLIP, pretrained on the web captions for 300 steps, names the object of held-out
     web pictures among all 25 class names (chance: 5%)."""
-    from ovseg_jax import train
+    from ovseg_jax.training import trainer
     from ovseg_jax.clip import load
     from ovseg_jax.data.crops import resized_crop
 
@@ -103,7 +103,7 @@ def test_demo_clip_pretraining_separates_the_classes(world, tmp_path):
         stage.data.path, stage.data.tokenizer, stage.data.generate = (str(web / "web" / "captions.jsonl"),
                                                                     str(web / "tokenizer"), None)
         del stage["eval"]
-    assert train.run(stage, tmp_path / "pretrain") == "done"
+    assert trainer.run(stage, tmp_path / "pretrain") == "done"
 
     clip = load(tmp_path / "pretrain")  # with the run's tokenizer (web / "tokenizer")
     images, labels = [], []

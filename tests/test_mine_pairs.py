@@ -1,4 +1,4 @@
-"""Mining mask-category pairs from captions (ovseg_jax.mine_pairs, ovseg_jax.nouns)."""
+"""Mining mask-category pairs from captions (ovseg_jax.mine_pairs, ovseg_jax.mining.nouns)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from scipy.special import softmax
 
-from ovseg_jax import mine_pairs, nouns
 from ovseg_jax.configs import ConfigError
 from ovseg_jax.data import crops, pipeline
+from ovseg_jax.mining import miner, nouns
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,21 +94,21 @@ def test_unknown_extractor_is_refused():
 def test_select_pairs_keeps_each_nouns_best_valid_proposal_above_the_score():
     logits = np.array([[30.0, 22.0], [28.0, 29.0], [5.0, 40.0], [50.0, 0.0]])  # [Q=4, N=2]
     valid = np.array([True, True, True, False])  # proposal 3 (the strongest) has no pixel
-    picks, best = mine_pairs.select_pairs(logits, valid, min_score=0.9)
+    picks, best = miner.select_pairs(logits, valid, min_score=0.9)
     p = softmax(logits[:3], axis=1)  # an independent softmax over the nouns
-    assert picks == [mine_pairs.Pick(0, 0, pytest.approx(p[0, 0])), mine_pairs.Pick(1, 2, pytest.approx(p[2, 1]))]
+    assert picks == [miner.Pick(0, 0, pytest.approx(p[0, 0])), miner.Pick(1, 2, pytest.approx(p[2, 1]))]
     np.testing.assert_allclose(best, [p[0, 0], p[2, 1]])
-    picks, _ = mine_pairs.select_pairs(logits, valid, min_score=0.9999)
+    picks, _ = miner.select_pairs(logits, valid, min_score=0.9999)
     assert [q.noun for q in picks] == [1]  # noun 0's best, p[0, 0] = 0.99966, falls below
-    cos_picks, _ = mine_pairs.select_pairs(logits, valid, score="cosine", min_score=0.35)
-    assert cos_picks == [mine_pairs.Pick(1, 2, pytest.approx(0.40))]
+    cos_picks, _ = miner.select_pairs(logits, valid, score="cosine", min_score=0.35)
+    assert cos_picks == [miner.Pick(1, 2, pytest.approx(0.40))]
 
 
 def test_one_noun_ties_go_to_the_higher_cosine_and_no_valid_proposal_gives_nothing():
     logits = np.array([[20.0], [35.0], [25.0]])
-    picks, best = mine_pairs.select_pairs(logits, np.ones(3, bool))
-    assert picks == [mine_pairs.Pick(0, 1, 1.0)]
-    picks, best = mine_pairs.select_pairs(logits, np.zeros(3, bool))
+    picks, best = miner.select_pairs(logits, np.ones(3, bool))
+    assert picks == [miner.Pick(0, 1, 1.0)]
+    picks, best = miner.select_pairs(logits, np.zeros(3, bool))
     assert picks == [] and np.isnan(best).all()
 
 
@@ -130,7 +130,7 @@ def test_label_agreement_on_a_hand_built_case(tmp_path):
                                                                                "d": "grass"}[key], "source": "caption"})
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = mine_pairs.label_agreement(path, lambda image: label, names)
+    result = miner.label_agreement(path, lambda image: label, names)
     assert (result["pairs"], result["agree"], result["fraction"]) == (4, 2, 0.5)
     assert result["per_noun"] == {"grass": {"pairs": 2, "agree": 1}, "sand": {"pairs": 1, "agree": 0},
                                   "sky": {"pairs": 1, "agree": 1}}
@@ -142,14 +142,14 @@ def test_config_errors_name_the_field():
                                           "model": {"segmenter": "s.pth", "clip": "c.pt"}, **fields})
 
     with pytest.raises(ConfigError) as e:
-        mine_pairs.check_config(config(gt={"min_pixels": "many"}, colour=1))
+        miner.check_config(config(gt={"min_pixels": "many"}, colour=1))
     assert "config.gt.min_pixels='many': expected int" in str(e.value)
     assert "config.colour: unknown field" in str(e.value)
     with pytest.raises(ConfigError, match=r"config.score='dot': expected one of \('softmax', 'cosine'\)"):
-        mine_pairs.check_config(config(score="dot"))
+        miner.check_config(config(score="dot"))
     with pytest.raises(ConfigError, match=r"config.sources='both' needs config.gt.dataset"):
-        mine_pairs.check_config(config(sources="both"))
-    assert mine_pairs.check_config(config()).min_score == 0.5  # defaults filled in
+        miner.check_config(config(sources="both"))
+    assert miner.check_config(config()).min_score == 0.5  # defaults filled in
 
 
 # ----------------------------------------------------------- mining the quick demo's world
@@ -167,7 +167,7 @@ def demo_setup(quick_demo):
     """(demo dir, its models loaded once, a config factory: 12 images, batches of 4, every noun kept)."""
     out, _ = quick_demo
     config = _synthetic_config(str(out))
-    models = mine_pairs.load_models(config.model)
+    models = miner.load_models(config.model)
 
     def make(**overrides):
         c = _synthetic_config(str(out))
@@ -191,7 +191,7 @@ def mined(demo_setup, tmp_path_factory):
     """One uninterrupted run -> (workdir, report)."""
     _, models, make = demo_setup
     workdir = tmp_path_factory.mktemp("mined")
-    return workdir, mine_pairs.run(make(), workdir, models=models)
+    return workdir, miner.run(make(), workdir, models=models)
 
 
 def test_mined_pairs_are_read_by_the_clip_pairs_loader(mined, demo_setup):
@@ -231,13 +231,13 @@ def test_resume_after_a_kill_gives_the_same_pairs(mined, demo_setup, tmp_path, m
         if len(seen) == 6:  # mid-batch: two of the second batch's four images are written
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(mine_pairs, "after_image", killed_after_6)
+    monkeypatch.setattr(miner, "after_image", killed_after_6)
     with pytest.raises(KeyboardInterrupt):
-        mine_pairs.run(make(), tmp_path, models=models)
+        miner.run(make(), tmp_path, models=models)
     progress = json.loads((tmp_path / "shards" / "progress-caption-00000-of-00001.json").read_text())
     assert progress["next"] == 4 and not progress["done"]  # the first batch was committed
-    monkeypatch.setattr(mine_pairs, "after_image", lambda item: None)
-    report = mine_pairs.run(make(), tmp_path, models=models)
+    monkeypatch.setattr(miner, "after_image", lambda item: None)
+    report = miner.run(make(), tmp_path, models=models)
     assert (tmp_path / "pairs.jsonl").read_text() == (mined[0] / "pairs.jsonl").read_text()
     assert report["items"] == mined[1]["items"] and report["pairs"] == mined[1]["pairs"]
 
@@ -248,8 +248,8 @@ def _rows(path):
 
 def test_two_shards_merge_into_the_single_run(mined, demo_setup, tmp_path):
     _, models, make = demo_setup
-    assert mine_pairs.run(make(**{"shard.index": 1, "shard.count": 2}), tmp_path, models=models) is None
-    report = mine_pairs.run(make(**{"shard.index": 0, "shard.count": 2}), tmp_path, models=models)
+    assert miner.run(make(**{"shard.index": 1, "shard.count": 2}), tmp_path, models=models) is None
+    report = miner.run(make(**{"shard.index": 0, "shard.count": 2}), tmp_path, models=models)
     sharded, single = (_rows(d / "pairs.jsonl") for d in (tmp_path, mined[0]))
     assert [r | {"score": 0} for r in sharded] == [r | {"score": 0} for r in single]  # other batches: scores
     np.testing.assert_allclose([r["score"] for r in sharded], [r["score"] for r in single], atol=1e-4)
@@ -259,7 +259,7 @@ def test_two_shards_merge_into_the_single_run(mined, demo_setup, tmp_path):
 def test_a_changed_config_is_refused_on_resume(demo_setup, mined):
     _, models, make = demo_setup
     with pytest.raises(ConfigError, match="mined with another config"):
-        mine_pairs.run(make(min_score=0.7), mined[0], models=models)
+        miner.run(make(min_score=0.7), mined[0], models=models)
 
 
 def test_skipped_items_are_counted(demo_setup, tmp_path):
@@ -273,11 +273,11 @@ def test_skipped_items_are_counted(demo_setup, tmp_path):
              {"image": "bad.png", "caption": "a sand"}]  # unreadable
     (tmp_path / "captions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     config = make(**{"data.path": str(tmp_path / "captions.jsonl"), "agreement": ""})
-    report = mine_pairs.run(config, tmp_path / "mined", models=models)
+    report = miner.run(config, tmp_path / "mined", models=models)
     assert report["skipped"] == {"skipped_no_nouns": 1, "skipped_no_valid_proposals": 0, "skipped_unreadable": 1}
     assert report["captions_without_nouns"] == 1 and report["images_with_pairs"] == 1
     # No proposal covers more than the whole image: every image with nouns lacks valid proposals.
-    report = mine_pairs.run(make(**{"data.path": str(tmp_path / "captions.jsonl"), "agreement": "", "min_area": 1.5}),
+    report = miner.run(make(**{"data.path": str(tmp_path / "captions.jsonl"), "agreement": "", "min_area": 1.5}),
                             tmp_path / "none", models=models)
     assert report["skipped"]["skipped_no_valid_proposals"] == 1 and report["pairs"] == 0
 
@@ -287,7 +287,7 @@ def test_ground_truth_pairs_match_the_worlds_own(demo_setup, tmp_path):
     world = out / "world"
     config = make(**{"sources": "gt", "gt.dataset": "synthetic", "gt.root": str(world), "gt.min_pixels": 4,
                      "mask_format": "rle", "agreement": ""})
-    report = mine_pairs.run(config, tmp_path, models=models)
+    report = miner.run(config, tmp_path, models=models)
     ours = {(Path(r.image).resolve(), r.text, json.dumps(r.mask)) for r in crops.read_pairs(tmp_path / "pairs.jsonl")}
     theirs = {(Path(r.image).resolve(), r.text, json.dumps(r.mask)) for r in crops.read_pairs(world / "pairs.jsonl")}
     assert ours == theirs and report["gt_pairs"] == len(theirs)
@@ -302,15 +302,15 @@ def test_coco_captions_reader(tmp_path):
            "annotations": [{"image_id": 3, "caption": " A dog. "}, {"image_id": 7, "caption": "A cat"},
                            {"image_id": 3, "caption": "Two dogs"}]}
     (tmp_path / "annotations" / "captions_val2017.json").write_text(json.dumps(ann))
-    reader = mine_pairs.CocoCaptions(tmp_path, "val2017")
+    reader = miner.CocoCaptions(tmp_path, "val2017")
     assert len(reader) == 2
     assert reader.captions(0) == ("a.jpg", str(tmp_path / "val2017" / "a.jpg"), ["A dog.", "Two dogs"])
     assert reader.captions(1) == ("b.jpg", str(tmp_path / "val2017" / "b.jpg"), ["A cat"])
     (tmp_path / "annotations" / "captions_val2017.json").write_text(json.dumps({"images": []}))
     with pytest.raises(ValueError, match="captions_val2017.json: not a COCO captions file"):
-        mine_pairs.CocoCaptions(tmp_path, "val2017")
+        miner.CocoCaptions(tmp_path, "val2017")
     with pytest.raises(Exception, match="captions_train2017.json: COCO captions file not found"):
-        mine_pairs.CocoCaptions(tmp_path, "train2017")
+        miner.CocoCaptions(tmp_path, "train2017")
 
 
 class _FakeTfdsCaptions:
@@ -335,7 +335,7 @@ def test_tfds_captions_write_the_images_they_pair(demo_setup, tmp_path, monkeypa
     out, models, make = demo_setup
     monkeypatch.setattr(tfds_sources, "TfdsCaptionSource", _FakeTfdsCaptions)
     config = make(**{"data.kind": "tfds", "data.split": "val", "data.data_dir": str(out / "world"), "agreement": ""})
-    report = mine_pairs.run(config, tmp_path, models=models)
+    report = miner.run(config, tmp_path, models=models)
     rows = _rows(tmp_path / "pairs.jsonl")
     assert report["items"] == {"caption": 3} and len(rows) == report["pairs"] > 0
     assert {r["image"] for r in rows} <= {f"images/COCO_val2014_{100 + i:012d}.jpg" for i in range(3)}

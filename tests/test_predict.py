@@ -11,10 +11,10 @@ from flax import nnx
 
 import ovseg_jax.clip as oclip
 from tests import clip_fixtures as demo
-from ovseg_jax.masked_crops import masked_crops
+from ovseg_jax.inference.ensemble import Predictor, UNLABELED, combine
+from ovseg_jax.inference.masked_crops import masked_crops
 from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig, normalize_images
 from ovseg_jax.models.swin import SwinConfig
-from ovseg_jax.ensemble import UNLABELED, Predictor, combine
 from tests.test_ensemble import original_semantic_inference
 
 CLASSES = demo.CLASS_NAMES

@@ -13,9 +13,10 @@ from PIL import Image
 
 import ovseg_jax.clip as oclip
 import ovseg_jax.segmenter as oseg
-from ovseg_jax import ensemble, predict
-from ovseg_jax.ensemble import UNLABELED, Predictor, Segmentation
-from ovseg_jax.visualize import overlay, palette
+from ovseg_jax import predict
+from ovseg_jax.inference import ensemble, files, inputs, loading, results
+from ovseg_jax.inference.ensemble import Predictor, Segmentation, UNLABELED
+from ovseg_jax.inference.visualize import overlay, palette
 
 CLASSES = ["grass", "sky", "sand", "snow", "plain red", "striped blue", "dotted yellow"]
 SHORT, MAX_SIZE, BUCKET = 128, 512, 128  # the demo model's input size
@@ -109,7 +110,7 @@ def test_folder_of_mixed_files(run, folder):
     for name, line in listed.items():
         first = json.loads((out / f"{Path(name).stem}.json").read_text())["classes"][0]
         assert line.startswith(f"{name}: {first['name']} {100 * first['share']:.1f}%")
-    assert all(f"  {line}" in predict.format_summary(summary).splitlines() for line in summary["per_image"])
+    assert all(f"  {line}" in files.format_summary(summary).splitlines() for line in summary["per_image"])
 
 
 def test_labels_png_equals_predictor_predict(run, folder, reference):
@@ -180,15 +181,15 @@ def test_bad_classes_file_and_missing_paths_exit_2(tmp_path, demo_files, capsys)
 
 def test_checkpoint_without_tokenizer_is_refused(tmp_path, demo_files):
     (tmp_path / "m.pth").symlink_to(demo_files[0])
-    with pytest.raises(predict.InputError, match="holds no tokenizer.*--tokenizer"):
-        predict.load_predictor(tmp_path / "m.pth")
+    with pytest.raises(inputs.InputError, match="holds no tokenizer.*--tokenizer"):
+        loading.load_predictor(tmp_path / "m.pth")
 
 
 def test_summarize_and_render():
     labels = np.array([[0, 0, 2], [UNLABELED, 2, 2]])
     confidence = np.array([[0.5, 0.7, 0.2], [0.9, 0.4, 0.3]], np.float32)
     names = ["a", "b", "c"]
-    summary = predict.summarize(Segmentation(labels, confidence), names)
+    summary = results.summarize(Segmentation(labels, confidence), names)
     assert summary["classes"] == [
         {"index": 2, "name": "c", "pixels": 3, "share": pytest.approx(0.5), "mean_confidence": pytest.approx(0.3)},
         {"index": 0, "name": "a", "pixels": 2, "share": pytest.approx(1 / 3, abs=1e-6),
@@ -199,14 +200,14 @@ def test_summarize_and_render():
     colours = palette(3).astype(float)
     assert np.array_equal(blended[1, 0], image[1, 0])  # unlabeled: the image
     np.testing.assert_array_equal(blended[0, 1], np.round(0.5 * image[0, 1] + 0.5 * colours[0]).astype(np.uint8))
-    picture = predict.render(image, Segmentation(labels, confidence), names, side_by_side=True)
+    picture = results.render(image, Segmentation(labels, confidence), names, side_by_side=True)
     assert np.array_equal(np.asarray(picture)[:2, :3], image)  # input on the left
     assert picture.height > 2
 
 
 def test_label_image_dtype():
-    small = predict.label_image(np.array([[0, UNLABELED]]), 254)
-    big = predict.label_image(np.array([[300, UNLABELED]]), 400)
+    small = results.label_image(np.array([[0, UNLABELED]]), 254)
+    big = results.label_image(np.array([[300, UNLABELED]]), 400)
     assert np.asarray(small).tolist() == [[0, 255]] and np.asarray(small).dtype == np.uint8
     assert np.asarray(big).tolist() == [[300, 65535]] and np.asarray(big).dtype == np.uint16
 

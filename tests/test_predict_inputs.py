@@ -8,11 +8,11 @@ from flax import nnx
 from PIL import Image
 
 import ovseg_jax.clip as oclip
+from ovseg_jax.inference.ensemble import Predictor
 from ovseg_jax.models.clip import CLIP, ClipConfig
 from ovseg_jax.models.maskformer import Segmenter, SegmenterConfig
 from ovseg_jax.models.swin import SwinConfig
-from ovseg_jax.ensemble import Predictor
-from ovseg_jax.text import VILD_TEMPLATES, Tokenizer, write_word_vocab
+from ovseg_jax.text import Tokenizer, VILD_TEMPLATES, write_word_vocab
 
 CLASSES = ["red circle", "green square", "blue triangle", "yellow sky", "grass"]
 

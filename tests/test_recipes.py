@@ -19,9 +19,9 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from ovseg_jax.checkpoint import Checkpointer, load_config, load_params
 from ovseg_jax.configs import ConfigError
 from ovseg_jax.text import Tokenizer, bytes_to_unicode, write_word_vocab
+from ovseg_jax.training.checkpoint import Checkpointer, load_config, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["vitl_ft", "vitl_mpt", "vitb_ft", "vitb_mpt", "swinb_vitl_seg", "r101c_vitb_seg"]
@@ -229,7 +229,7 @@ def test_recipe_rejects_an_unknown_variant(name):
 
 
 def test_clip_recipe_names_every_missing_input_at_once(tmp_path, monkeypatch):
-    from ovseg_jax.train import run
+    from ovseg_jax.training.trainer import run
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as e:

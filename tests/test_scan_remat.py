@@ -18,13 +18,13 @@ from flax import nnx
 
 import ovseg_jax.clip as oclip
 from ovseg_jax import configs
-from ovseg_jax.checkpoint import load_config, load_params
 from ovseg_jax.convert.params import nnx_to_torch, torch_to_nnx
 from ovseg_jax.models.clip import CLIP
 from ovseg_jax.models.layers import run_layers, set_stack_options
 from ovseg_jax.models.swin import SwinConfig, SwinTransformer
 from ovseg_jax.models.transformer_decoder import TransformerDecoder
-from ovseg_jax.train import Trainer
+from ovseg_jax.training.checkpoint import load_config, load_params
+from ovseg_jax.training.trainer import Trainer
 from tests.test_ablate import torch_vpt_features
 from tests.test_clip import make_reference, reference_image_features, region_masks
 from tests.torch_clip_reference import OpenAIClip

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from ovseg_jax import serve
-from ovseg_jax.compilation import CompileTimer
+from ovseg_jax.utils.compilation import CompileTimer
 
 NAMES = ["grass", "sky", "plain red"]  # three names, as the warm-up: no compilation for the first request
 INSTALL = "sudo apt-get install -y chromium chromium-driver && .venv/bin/pip install -e '.[web]'"
@@ -63,7 +63,7 @@ def demo_files(quick_demo):
 @pytest.fixture(scope="module")
 def server(demo_files):
     """The page on the quick demo's checkpoint in a thread, warmed up -> (base URL, Service)."""
-    from ovseg_jax.predict import load_predictor
+    from ovseg_jax.inference.loading import load_predictor
 
     checkpoint, tokenizer, _ = demo_files
     predictor = load_predictor(checkpoint, tokenizer, templates=["a {}"])  # the demo's template and eval size
@@ -78,8 +78,8 @@ def server(demo_files):
 
 def direct_fractions(service, image_path: Path, names: list[str], **settings) -> list[float]:
     """Each name's share of the pixels, predicted without the server (preprocess + Predictor)."""
-    from ovseg_jax.ensemble import Predictor
-    from ovseg_jax.predict import preprocess
+    from ovseg_jax.inference.ensemble import Predictor
+    from ovseg_jax.inference.inputs import preprocess
 
     base = service.base
     predictor = Predictor(base.segmenter, base.clip, templates=base.templates, **settings)

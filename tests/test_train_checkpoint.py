@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from ovseg_jax.checkpoint import Checkpointer, load_params
-from ovseg_jax.train import NonFiniteLossError, Trainer
+from ovseg_jax.training.checkpoint import Checkpointer, load_params
+from ovseg_jax.training.trainer import NonFiniteLossError, Trainer
 from tests.train_helpers import PairBatches, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ovseg_jax.checkpoint import Checkpointer, load_params
-from ovseg_jax.train import run
+from ovseg_jax.training.checkpoint import Checkpointer, load_params
+from ovseg_jax.training.trainer import run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from ovseg_jax import optim
 from ovseg_jax.losses.contrastive import clip_contrastive_loss
-from ovseg_jax.train import Trainer
+from ovseg_jax.training import optim
+from ovseg_jax.training.trainer import Trainer
 from tests.train_helpers import PairBatches, tiny_config
 
 

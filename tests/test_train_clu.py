@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from ovseg_jax import monitor
-from ovseg_jax.train import Trainer
+from ovseg_jax.training import monitor
+from ovseg_jax.training.trainer import Trainer
 from tests.train_helpers import PairBatches, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TWO_DEVICES = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from ovseg_jax.metrics import ConfusionMatrix, train_collection
+    from ovseg_jax.training.metrics import ConfusionMatrix, train_collection
 
     assert jax.device_count() == 2
     mesh = jax.make_mesh((2,), ("data",))
@@ -204,7 +204,7 @@ def test_tensorboard_writer_without_tensorflow(tmp_path):
 def test_log_filter_drops_orbax_chatter_only():
     import logging  # noqa: PLC0415
 
-    from ovseg_jax.monitor import DropInfoFrom  # noqa: PLC0415
+    from ovseg_jax.training.monitor import DropInfoFrom  # noqa: PLC0415
 
     keep = DropInfoFrom("/orbax/").filter
 

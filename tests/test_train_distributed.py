@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from ovseg_jax.train import Trainer
+from ovseg_jax.training.trainer import Trainer
 from tests.train_helpers import PairBatches, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,11 +11,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ovseg_jax import configs, optim, sharding
-from ovseg_jax.checkpoint import Checkpointer, load_params
+from ovseg_jax import configs
 from ovseg_jax.configs import ConfigError
-from ovseg_jax.tasks import clip_contrastive
-from ovseg_jax.train import NonFiniteLossError, Trainer, run
+from ovseg_jax.training import optim, sharding
+from ovseg_jax.training.checkpoint import Checkpointer, load_params
+from ovseg_jax.training.tasks import clip_contrastive
+from ovseg_jax.training.trainer import NonFiniteLossError, Trainer, run
 from tests.train_helpers import PairBatches, tiny_config
 
 PYTHON_DATA = {"kind": "python", "factory": "tests.train_helpers:pair_batches"}

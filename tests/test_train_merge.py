@@ -9,9 +9,9 @@ import torch
 
 import ovseg_jax.clip as oclip
 from ovseg_jax.clip import openai_state_dict
+from ovseg_jax.convert.merge import merge
 from ovseg_jax.convert.torch_io import CheckpointError
-from ovseg_jax.merge import merge
-from ovseg_jax.train import Trainer
+from ovseg_jax.training.trainer import Trainer
 from tests.train_helpers import PairBatches, tiny_config
 
 

@@ -6,11 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from ovseg_jax import configs, optim
+from ovseg_jax import configs
+from ovseg_jax.training import optim
 from tests import clip_fixtures as demo
 from ovseg_jax.models.maskformer import SegmenterConfig
 from ovseg_jax.models.swin import SwinConfig
-from ovseg_jax.train import Trainer
+from ovseg_jax.training.trainer import Trainer
 
 CLASSES = demo.CLASS_NAMES[:4]
 SIZE, MAX_MASKS = 64, 3
@@ -86,7 +87,7 @@ def test_steps_update_every_trained_tensor(trained):
 
 
 def test_missing_clip_is_reported_before_training(tmp_path, clip_dir):
-    from ovseg_jax.tasks import segmenter as task
+    from ovseg_jax.training.tasks import segmenter as task
 
     config = tiny_segmenter_config(clip_dir)
     with config.unlocked():

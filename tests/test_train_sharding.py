@@ -8,7 +8,7 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
-from ovseg_jax import sharding
+from ovseg_jax.training import sharding
 
 
 def test_param_specs_rules_fsdp_and_replication():

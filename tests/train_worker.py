@@ -20,12 +20,12 @@ def fit(args) -> None:
     import jax  # noqa: PLC0415
 
     if os.environ.get("OVSEG_COORDINATOR"):
-        from ovseg_jax.sharding import initialize_distributed  # noqa: PLC0415
+        from ovseg_jax.training.sharding import initialize_distributed  # noqa: PLC0415
 
         initialize_distributed()
     import numpy as np  # noqa: PLC0415
 
-    from ovseg_jax.train import Trainer  # noqa: PLC0415
+    from ovseg_jax.training.trainer import Trainer  # noqa: PLC0415
     from tests.train_helpers import PairBatches, tiny_config  # noqa: PLC0415
 
     config = tiny_config("ft", total_steps=args.total, batch_size=args.batch)
@@ -57,7 +57,7 @@ def fit(args) -> None:
 def kill_during_save(directory: str) -> None:
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from ovseg_jax.checkpoint import Checkpointer  # noqa: PLC0415
+    from ovseg_jax.training.checkpoint import Checkpointer  # noqa: PLC0415
 
     ck = Checkpointer(directory, max_to_keep=3)
     ck.save(1, {"w": jnp.ones((4, 4))}, {"step": jnp.asarray(1)})

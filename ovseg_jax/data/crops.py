@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from ovseg_jax.data.sources import BadExampleError, DatasetLayoutError, read_image, read_label
-from ovseg_jax.masked_crops import CLIP_FILL, CLIP_MEAN, CLIP_STD
+from ovseg_jax.inference.masked_crops import CLIP_FILL, CLIP_MEAN, CLIP_STD
 
 FILL_UINT8 = np.array([round(c) for c in CLIP_FILL], np.uint8)  # (123, 117, 104)
 _MEAN = np.array(CLIP_MEAN, np.float32)

@@ -7,7 +7,7 @@ skipped bad examples in `.num_skipped`. Randomness is per (seed, global example 
 process p of P takes global positions p, p+P, ...: the global stream is the same for any number
 of processes and workers (with `skip_bad_examples=True` batches are formed after dropping bad
 examples, so their composition then depends on the skips and the worker count). Turn the per-process batches into
-global arrays with `ovseg_jax.train.to_global(batch, sharding)`.
+global arrays with `ovseg_jax.training.trainer.to_global(batch, sharding)`.
 
     from ovseg_jax.data import pipeline, registry
     loader = pipeline.segmentation_loader(registry.get("coco_stuff_171").make_source(root, "train"),
@@ -224,7 +224,7 @@ def eval_loader(source, *, short: int = 640, max_size: int = 2560, bucket: int =
 
     Bad examples (`BadExampleError`: unreadable or missing files, size mismatch, bad label values)
     are skipped by default, each with a warning naming the file, and counted in the iterator's
-    `num_skipped` (which `evaluate.evaluate_dataset` reports); `skip_bad_examples=False` raises instead."""
+    `num_skipped` (which `evaluation.evaluator.evaluate_dataset` reports); `skip_bad_examples=False` raises instead."""
     transform = partial(_eval_example, short=short, max_size=max_size, bucket=bucket)
     return _build(len(source), partial(_indexed, source), transform, batch_size=None, seed=0, shuffle=False,
                   num_epochs=1, num_workers=num_workers, process_index=process_index, process_count=process_count,

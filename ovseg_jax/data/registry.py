@@ -19,7 +19,6 @@ not the A-150 semantic maps: its scores are not A-150 benchmark numbers (see tha
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 import json
 from pathlib import Path
 from typing import Callable
@@ -27,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from ovseg_jax.data import synthetic
+from ovseg_jax.data.classes import class_names
 from ovseg_jax.data.sources import DatasetLayoutError, SegmentationSource
 
 
@@ -39,12 +39,6 @@ class DatasetSpec:
     ensemble_weight: float
     make_source: Callable[[str | Path, str], SegmentationSource]
     splits: tuple[str, ...]
-
-
-def class_names(name: str) -> tuple[str, ...]:
-    """The shipped class list `classes/<name>.txt`, one name per line."""
-    text = (importlib.resources.files("ovseg_jax.data") / "classes" / f"{name}.txt").read_text()
-    return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _layout(root: Path, image_dir: str, label_dir: str, image_ext: str, label_ext: str) -> str:

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from ovseg_jax.data.registry import class_names as registry_class_names
+from ovseg_jax.data.classes import class_names as registry_class_names
 from ovseg_jax.data.sources import BadExampleError, DatasetLayoutError
 
 IGNORE = 255

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ovseg_jax.image_ops import interpolation_matrix
+from ovseg_jax.utils.image_ops import interpolation_matrix
 
 # MaskFormer's MIN_SIZE_TRAIN: int(640 * x / 10) for x in 5..20 (0.5x-2.0x of 640).
 TRAIN_SCALES = tuple(range(320, 1281, 64))

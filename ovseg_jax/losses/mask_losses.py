@@ -37,8 +37,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ovseg_jax.image_ops import resize_bilinear
 from ovseg_jax.losses.matcher import LossWeights, hungarian_match, matching_cost, sigmoid_and_softplus
+from ovseg_jax.utils.image_ops import resize_bilinear
 
 __all__ = ["LossWeights", "maskformer_loss", "mask_loss_sums"]
 

@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ovseg_jax.image_ops import resize_nearest_torch
+from ovseg_jax.utils.image_ops import resize_nearest_torch
 
 
 _COST_LIMIT = 1e8

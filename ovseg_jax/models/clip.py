@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ovseg_jax.image_ops import resize_bicubic
-from ovseg_jax.models.layers import LN_EPS, Conv, MultiHeadAttention, Mlp, Stack, einsum, layer_norm
+from ovseg_jax.models.layers import Conv, LN_EPS, Mlp, MultiHeadAttention, Stack, einsum, layer_norm
+from ovseg_jax.utils.image_ops import resize_bicubic
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ovseg_jax.image_ops import resize_nearest_torch
 from ovseg_jax.models.layers import Conv
+from ovseg_jax.utils.image_ops import resize_nearest_torch
 
 GN_GROUPS = 32
 GN_EPS = 1e-5

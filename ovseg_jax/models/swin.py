@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ovseg_jax.image_ops import resize_bicubic
+from ovseg_jax.utils.image_ops import resize_bicubic
 from ovseg_jax.models.layers import (Conv, Mlp, Stack, broadcast_to, dot_product_attention, drop_path, layer_norm,
                                      linear)
 

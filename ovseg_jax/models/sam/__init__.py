@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ovseg_jax.image_ops import interpolation_matrix
+from ovseg_jax.utils.image_ops import interpolation_matrix
 from ovseg_jax.models.layers import LN_EPS
 from ovseg_jax.models.sam.image_encoder import ImageEncoderViT
 from ovseg_jax.models.sam.mask_decoder import MaskDecoder

@@ -1,5 +1,5 @@
 """On-device metric accumulation with `clu.metrics`: the trainer's loss terms, and a confusion
-matrix for segmentation evaluation whose final numbers come from `evaluate.segmentation_metrics`
+matrix for segmentation evaluation whose final numbers come from `evaluation.metrics.segmentation_metrics`
 (the original evaluator's math).
 
     Metrics = train_collection(["loss", "loss_ce", ...])      # a clu Collection class
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
 
-from ovseg_jax.evaluate import segmentation_metrics
+from ovseg_jax.evaluation.metrics import segmentation_metrics
 
 LAST_VALUE = ("learning_rate",)  # reported as the window's last value, not its mean
 
@@ -81,7 +81,7 @@ class ConfusionMatrix(clu_metrics.Metric):
         return type(self)(counts=self.counts.sum(axis=0))
 
     def compute(self) -> dict[str, float]:
-        """The scalars of `evaluate.segmentation_metrics` (mIoU, fwIoU, mACC, pACC, in percent);
+        """The scalars of `evaluation.metrics.segmentation_metrics` (mIoU, fwIoU, mACC, pACC, in percent);
         its per-class dicts are left out (writers take scalars)."""
         result = segmentation_metrics(np.asarray(jax.device_get(self.counts)))
         return {k: float(v) for k, v in result.items() if not isinstance(v, Mapping)}

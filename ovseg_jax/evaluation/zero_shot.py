@@ -1,7 +1,7 @@
 """CLIP's zero-shot accuracy on masked ground-truth regions: the CLIP stages' evaluation.
 
 Each class present in a val image gives one masked crop, built exactly as OVSeg's CLIP branch
-builds crops of proposals (`ovseg_jax.masked_crops`, reference 1.8) but from the ground-truth
+builds crops of proposals (`ovseg_jax.inference.masked_crops`, reference 1.8) but from the ground-truth
 mask; CLIP classifies it against the text embeddings of *all* class names. This isolates what
 mask adaptation changes (how well CLIP recognises masked regions) from the segmenter's proposals.
 
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ovseg_jax.masked_crops import masked_crops
+from ovseg_jax.inference.masked_crops import masked_crops
 
 _BATCH = 64  # crops per CLIP call (the last batch is padded)
 

@@ -166,8 +166,8 @@ def make_evaluator(config):
     if not e:
         return None
     from ovseg_jax.data import pipeline, registry  # noqa: PLC0415
-    from ovseg_jax.evaluate import evaluate_dataset  # noqa: PLC0415
-    from ovseg_jax.ensemble import Predictor  # noqa: PLC0415
+    from ovseg_jax.evaluation.evaluator import evaluate_dataset  # noqa: PLC0415
+    from ovseg_jax.inference.ensemble import Predictor  # noqa: PLC0415
 
     spec = registry.get(e.dataset)
     source = spec.make_source(e.root, e.get("split", "val"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-TASKS = {"clip": "ovseg_jax.tasks.clip_contrastive", "segmenter": "ovseg_jax.tasks.segmenter"}
+TASKS = {"clip": "ovseg_jax.training.tasks.clip_contrastive", "segmenter": "ovseg_jax.training.tasks.segmenter"}
 
 
 def get(name: str) -> ModuleType:

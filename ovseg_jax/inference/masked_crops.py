@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ovseg_jax.image_ops import window_interpolation_matrix
+from ovseg_jax.utils.image_ops import window_interpolation_matrix
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # RGB, 0-1 scale
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

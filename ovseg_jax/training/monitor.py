@@ -37,7 +37,7 @@ def import_clu_writers() -> types.ModuleType:
         class SummaryWriter:  # noqa: D101  (what `clu.metric_writers.SummaryWriter` is without TensorFlow)
             def __init__(self, *args, **kwargs):
                 raise ImportError("clu.metric_writers.SummaryWriter needs TensorFlow, which is not installed; "
-                                  "use ovseg_jax.monitor.TensorBoardWriter (or create_writer) instead")
+                                  "use ovseg_jax.training.monitor.TensorBoardWriter (or create_writer) instead")
 
         stand_in.SummaryWriter = SummaryWriter
         sys.modules[name] = stand_in

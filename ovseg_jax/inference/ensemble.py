@@ -58,9 +58,9 @@ from flax import nnx
 
 from ovseg_jax.clip import Clip
 from ovseg_jax.data.transforms import resize_image, resized_hw as reference_resized_hw
-from ovseg_jax.image_ops import resize_bilinear, window_interpolation_matrix
-from ovseg_jax.masked_crops import CROPS, masked_crops
-from ovseg_jax.models.maskformer import TEMPERATURE, Segmenter, normalize_images
+from ovseg_jax.inference.masked_crops import CROPS, masked_crops
+from ovseg_jax.models.maskformer import Segmenter, TEMPERATURE, normalize_images
+from ovseg_jax.utils.image_ops import resize_bilinear, window_interpolation_matrix
 
 MODES = ("semantic", "demo")
 UNLABELED = -1  # demo mode: no proposal covers the pixel

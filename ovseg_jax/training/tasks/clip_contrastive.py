@@ -22,27 +22,16 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from ovseg_jax import checkpoint
 from ovseg_jax.losses.contrastive import clamp_logit_scale, clip_contrastive_loss
 from ovseg_jax.models.clip import CLIP, ClipConfig
+from ovseg_jax.text import tokenizer_path
+from ovseg_jax.training import checkpoint
 
 BATCH_KEYS = ("image", "token_ids")
 
 
 def model_config(config) -> ClipConfig:
     return ClipConfig(**config.model.clip.to_dict())
-
-
-def _has_tokenizer_files(path: str) -> bool:
-    return bool(path) and Path(path).is_dir() and any((Path(path) / f).is_file() for f in ("vocab.json", "tokenizer.json"))
-
-
-def tokenizer_path(config) -> str:
-    """`config.data.tokenizer`, or when it is "" a transformers CLIP `init_from` with its own
-    tokenizer files ("" if neither)."""
-    tokenizer = config.data.get("tokenizer") or ""
-    init = config.get("init_from") or ""
-    return tokenizer or (init if _has_tokenizer_files(init) else "")
 
 
 def check_inputs(config) -> None:
@@ -151,14 +140,14 @@ def make_evaluator(config):
     """`evaluate(model, step) -> {"eval/crop_acc", "eval/crop_acc_seen", "eval/crop_acc_unseen"}`:
     zero-shot accuracy of masked ground-truth regions of `config.eval` (dataset, root, split,
     max_examples, templates, unseen class names) over all the dataset's class names
-    (`ovseg_jax.zero_shot`). None without `config.eval`."""
+    (`ovseg_jax.evaluation.zero_shot`). None without `config.eval`."""
     e = config.get("eval")
     if not e:
         return None
     from ovseg_jax.clip import Clip  # noqa: PLC0415
     from ovseg_jax.data import registry  # noqa: PLC0415
     from ovseg_jax.text import Tokenizer  # noqa: PLC0415
-    from ovseg_jax.zero_shot import crop_accuracy, ground_truth_crops  # noqa: PLC0415
+    from ovseg_jax.evaluation.zero_shot import crop_accuracy, ground_truth_crops  # noqa: PLC0415
 
     cfg = model_config(config)
     source = registry.get(e.dataset).make_source(e.root, e.get("split", "val"))
