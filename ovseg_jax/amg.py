@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from ovseg_jax.inference.inputs import InputError
+
 MODEL_TYPES = ("default", "vit_h", "vit_l", "vit_b")
 METADATA_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
                    "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
@@ -40,10 +42,6 @@ AMG_FLAGS = (
     ("crop-n-points-downscale-factor", int, "points a side divided by this per crop layer (default 1)"),
     ("min-mask-region-area", int, "fill holes and drop islands smaller than this many pixels (default 0: off)"),
 )
-
-
-class InputError(Exception):
-    """A bad command line: missing files, wrong checkpoint kind, clashing outputs."""
 
 
 def build_parser() -> argparse.ArgumentParser:

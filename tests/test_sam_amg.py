@@ -1,6 +1,6 @@
 """SAM automatic mask generation against segment_anything's `SamAutomaticMaskGenerator` and its
-`utils/amg.py` (imported through tests/sam_reference.py, whose torchvision stand-in supplies the
-greedy `batched_nms` written independently of ours)."""
+`utils/amg.py` (imported through tests/sam_reference.py's torchvision stand-in), the box NMS
+against a transcription of torchvision's kernel, and `python -m ovseg_jax.amg`."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from tests.sam_reference import import_segment_anything, tiny_sam
 import_segment_anything()
 from segment_anything import SamAutomaticMaskGenerator  # noqa: E402
 from segment_anything.utils import amg as ref  # noqa: E402
-from torchvision.ops.boxes import batched_nms  # noqa: E402  (the stand-in)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,7 +126,29 @@ def test_small_region_removal_equals_reference(mode):
         np.testing.assert_array_equal(got, want)
     lone = np.zeros((9, 9), bool)
     lone[2, 2] = lone[6, 6:8] = True  # every island small: keep the largest
-    np.testing.assert_array_equal(ours.remove_small_regions(lone, 5, mode)[0], ref.remove_small_regions(lone, 5, mode)[0])
+    np.testing.assert_array_equal(ours.remove_small_regions(lone, 5, mode)[0],
+                                  ref.remove_small_regions(lone, 5, mode)[0])
+
+
+def torchvision_nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
+    """torchvision's CPU `nms` kernel, transcribed: stable sort by decreasing score, float32 IoUs
+    compared with the float64 threshold, suppression of later boxes only."""
+    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))  # Python's sort is stable
+    x0, y0, x1, y1 = boxes.astype(np.float32).T
+    area = (x1 - x0) * (y1 - y0)
+    suppressed, keep = set(), []
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for rank, i in enumerate(order):
+            if i in suppressed:
+                continue
+            keep.append(i)
+            for j in order[rank + 1:]:
+                w = max(np.float32(0), min(x1[i], x1[j]) - max(x0[i], x0[j]))
+                h = max(np.float32(0), min(y1[i], y1[j]) - max(y0[i], y0[j]))
+                inter = np.float32(w * h)
+                if float(inter / (area[i] + area[j] - inter)) > threshold:
+                    suppressed.add(j)
+    return keep
 
 
 def _nms_case(rs, n):
@@ -140,16 +161,22 @@ def _nms_case(rs, n):
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.7])
-def test_box_nms_equals_greedy_reference(threshold):
+def test_box_nms_equals_torchvision_greedy_nms(threshold):
     rs = np.random.RandomState(7)
     for n in (1, 9, 70):
         boxes, scores = _nms_case(rs, n)
         valid = rs.rand(n) > 0.2
-        order, kept = ours.box_nms(boxes, scores, valid, threshold)
+        order, kept = ours.box_nms(boxes, scores, valid, ours.float32_floor(threshold))
         index = np.flatnonzero(valid)
-        want = index[batched_nms(torch.from_numpy(boxes[index]), torch.from_numpy(scores[index]),
-                                 torch.zeros(len(index)), threshold).numpy()]
+        want = index[torchvision_nms(boxes[index], scores[index], threshold)]
         np.testing.assert_array_equal(np.asarray(order)[: int(kept)], want)
+
+
+def test_box_nms_threshold_compares_in_float64():
+    """IoU 3/10 is 0.30000001 in float32: above a threshold of 0.3 for torchvision (float64)."""
+    boxes = np.array([[0, 0, 10, 1], [0, 0, 3, 1]], np.float32)
+    order, kept = ours.box_nms(boxes, np.array([1.0, 0.5], np.float32), np.ones(2, bool), ours.float32_floor(0.3))
+    assert int(kept) == 1 and torchvision_nms(boxes, np.array([1.0, 0.5]), 0.3) == [0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +254,7 @@ def run_both(models, image, **options):
 
 
 def test_generator_equals_reference_on_a_photo(models):
-    got, want = run_both(models, photo(), points_per_side=24, points_per_batch=50, **LOW_THRESHOLDS)  # last batch padded
+    got, want = run_both(models, photo(), points_per_batch=50, points_per_side=24, **LOW_THRESHOLDS)  # 26 in the last
     assert_same_records(got, want, min_count=12)
     assert all(r["segmentation"].dtype == bool and r["segmentation"].shape == (100, 150) for r in got)
 
@@ -241,10 +268,19 @@ def test_generator_equals_reference_coco_rle(models):
 
 
 def test_generator_equals_reference_with_crops_and_small_regions(models):
+    pytest.importorskip("cv2")  # the reference's small-region removal
     got, want = run_both(models, photo(), points_per_side=16, points_per_batch=128, crop_n_layers=1,
                          crop_nms_thresh=0.9, min_mask_region_area=20, output_mode="uncompressed_rle", **LOW_THRESHOLDS)
     assert_same_records(got, want, min_count=12)
     assert len({tuple(r["crop_box"]) for r in want}) >= 3  # masks from the image and from crops
+
+
+def test_generator_without_masks_returns_no_records(models):
+    """When nothing passes the filters (the reference then fails in its cross-crop NMS)."""
+    image = photo()
+    generator = AutomaticMaskGenerator(models[2], points_per_side=16, points_per_batch=128, crop_n_layers=1,
+                                       min_mask_region_area=20, pred_iou_thresh=1e3)
+    assert generator.generate(image) == []
 
 
 def test_generator_refuses_bad_arguments(models):

@@ -12,10 +12,11 @@ and so is the result (same masks, scores and order; tested against it). How it r
   point of the crop: a `lax.scan` over fixed-size point batches (the last padded, with validity
   flags) decodes three masks per point, upsamples the low-resolution logits to the crop's size
   (`Sam.postprocess_masks`: the reference's two bilinear resizes as one matrix per axis) and
-  computes the stability score and the box of each mask there, where the reference does; predicted-IoU, stability and crop-edge filters
-  become validity flags over the fixed budget of 3 x points candidates; a greedy box NMS runs over
-  that budget (one loop step per kept mask). Only the low-resolution logits stay on the device;
-  kept masks are upsampled again for the output, in fixed-size chunks.
+  computes the stability score and the box of each mask at that size, as the reference does;
+  predicted-IoU, stability and crop-edge filters become validity flags over the fixed budget of
+  3 x points candidates; a greedy box NMS runs over that budget (one loop step per kept mask).
+  Only the low-resolution logits stay on the device; kept masks are upsampled again for the
+  output, in fixed-size chunks.
 - Host steps work on the survivors only: the cross-crop NMS (preferring masks from smaller crops,
   scores 1 / crop area, on the same jitted NMS), removal of small regions and holes
   (`scipy.ndimage.label`, 8-connected as the reference's OpenCV call) and the encoding.
@@ -34,7 +35,7 @@ from flax import nnx
 
 from ovseg_jax.inference.amg_utils import (box_nms, box_xyxy_to_xywh, build_all_layer_point_grids,
                                            calculate_stability_score, batched_mask_to_box, coco_encode,
-                                           generate_crop_boxes, is_box_near_crop_edge, mask_to_rle, masks_to_boxes_np,
+                                           float32_floor, generate_crop_boxes, is_box_near_crop_edge, mask_to_rle, masks_to_boxes_np,
                                            remove_small_regions, uncrop_boxes_xyxy, uncrop_masks, uncrop_points)
 from ovseg_jax.models.sam.transforms import ResizeLongestSide
 
@@ -53,10 +54,10 @@ ENCODER_BATCH = 4  # crops encoded per call (a layer of 16 crops runs as 4 calls
 
 
 class _Filters(NamedTuple):
-    pred_iou_thresh: float
-    stability_score_thresh: float
-    stability_score_offset: float
-    box_nms_thresh: float
+    """Which filters apply (static: the reference skips a filter whose threshold is 0)."""
+
+    pred_iou: bool
+    stability: bool
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -68,24 +69,27 @@ def _embed(graphdef, state, pixels: jax.Array, input_sizes: jax.Array) -> jax.Ar
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "input_hw", "crop_hw", "filters"))
-def _crop_candidates(graphdef, state, embedding, coords, point_valid, crop_box, orig_box, *,
+def _crop_candidates(graphdef, state, embedding, coords, point_valid, crop_box, orig_box, thresholds, *,
                      input_hw: tuple[int, int], crop_hw: tuple[int, int], filters: _Filters):
     """Every candidate mask of one crop, filtered and deduplicated over a fixed budget.
 
     `[1, h, w, C]` embedding, `[nb, B, 2]` points (x, y in the resized frame) with bool `[nb, B]`
-    validity, int32 `[4]` crop and image boxes (XYXY), the resized crop's `input_hw` and the
-    crop's `crop_hw` (masks are thresholded at that size, as the reference's) -> dict of `[nb * B * 3, ...]` arrays (candidate c is mask c % 3 of point c // 3): "low_res"
-    logits, "iou_preds", "stability", "boxes" (crop frame), then "order" (kept candidates first, by
+    validity, int32 `[4]` crop and image boxes (XYXY), float32 `[4]` thresholds (predicted IoU,
+    stability, stability offset, box NMS as `float32_floor`), the resized crop's `input_hw` and the
+    crop's `crop_hw` (masks are thresholded at that size, as the reference's) -> dict of
+    `[nb * B * 3, ...]` arrays (candidate c is mask c % 3 of point c // 3): "low_res" logits,
+    "iou_preds", "stability", "boxes" (crop frame), then "order" (kept candidates first, by
     decreasing predicted IoU) and "kept" (their count)."""
     model = nnx.merge(graphdef, state)
     batch = coords.shape[1]
     labels = jnp.ones((1, batch, 1), jnp.int32)
+    iou_thresh, stability_thresh, stability_offset, nms_thresh = thresholds
 
     def decode(_, points):
         low_res, iou_preds = model.predict_masks(embedding, points[None, :, None, :], labels, multimask_output=True)
         low_res = low_res[0].reshape(-1, *low_res.shape[-2:]).astype(jnp.float32)  # [B * 3, 4h, 4w]
         logits = model.postprocess_masks(low_res, input_hw, crop_hw)
-        stability = calculate_stability_score(logits, MASK_THRESHOLD, filters.stability_score_offset)
+        stability = calculate_stability_score(logits, MASK_THRESHOLD, stability_offset)
         boxes = batched_mask_to_box(logits > MASK_THRESHOLD)
         return None, (low_res, iou_preds[0].reshape(-1).astype(jnp.float32), stability, boxes)
 
@@ -93,12 +97,12 @@ def _crop_candidates(graphdef, state, embedding, coords, point_valid, crop_box, 
     low_res = low_res.reshape(-1, *low_res.shape[-2:])
     iou_preds, stability, boxes = iou_preds.reshape(-1), stability.reshape(-1), boxes.reshape(-1, 4)
     valid = jnp.repeat(point_valid.reshape(-1), MASKS_PER_POINT)
-    if filters.pred_iou_thresh > 0.0:
-        valid &= iou_preds > filters.pred_iou_thresh
-    if filters.stability_score_thresh > 0.0:
-        valid &= stability >= filters.stability_score_thresh
+    if filters.pred_iou:
+        valid &= iou_preds > iou_thresh
+    if filters.stability:
+        valid &= stability >= stability_thresh
     valid &= ~is_box_near_crop_edge(boxes, crop_box, orig_box)
-    order, kept = box_nms(boxes, iou_preds, valid, filters.box_nms_thresh)
+    order, kept = box_nms(boxes, iou_preds, valid, nms_thresh)
     return dict(low_res=low_res, iou_preds=iou_preds, stability=stability, boxes=boxes, order=order, kept=kept)
 
 
@@ -120,7 +124,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     budget = max(64, 1 << (n - 1).bit_length())
     pad = budget - n
     order, kept = _nms(np.pad(boxes.astype(np.float32), ((0, pad), (0, 0))),
-                       np.pad(scores.astype(np.float32), (0, pad)), np.arange(budget) < n, np.float32(iou_threshold))
+                       np.pad(scores.astype(np.float32), (0, pad)), np.arange(budget) < n, float32_floor(iou_threshold))
     return np.asarray(order)[: int(kept)].astype(np.int64)
 
 
@@ -131,8 +135,9 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
 @dataclasses.dataclass
 class MaskSet:
     """Masks found so far, one row each: bool masks in their crop's frame (`masks[i]` is
-    `[crop h, crop w]`, or `[H, W]` once post-processed), int64 `[N, 4]` XYXY boxes in the image frame, float32 `[N]` predicted IoUs
-    and stability scores, float64 `[N, 2]` point prompts (image frame), int64 `[N, 4]` crop boxes."""
+    `[crop h, crop w]`, or `[H, W]` once post-processed), int64 `[N, 4]` XYXY boxes in the image
+    frame, float32 `[N]` predicted IoUs and stability scores, float64 `[N, 2]` point prompts
+    (image frame), int64 `[N, 4]` crop boxes."""
 
     masks: list[np.ndarray]
     boxes: np.ndarray
@@ -197,8 +202,11 @@ class AutomaticMaskGenerator:
         self.transform = ResizeLongestSide(model.config.image_size)
         self.point_grids = point_grids
         self.points_per_batch = points_per_batch
-        self.filters = _Filters(float(pred_iou_thresh), float(stability_score_thresh), float(stability_score_offset),
-                                float(box_nms_thresh))
+        self.filters = _Filters(pred_iou=pred_iou_thresh > 0.0, stability=stability_score_thresh > 0.0)
+        # float32 as the reference's tensor-vs-number comparisons; the NMS one as torchvision's (float64)
+        self.thresholds = np.array([pred_iou_thresh, stability_score_thresh, stability_score_offset,
+                                    float32_floor(box_nms_thresh)], np.float32)
+        self.box_nms_thresh = box_nms_thresh
         self.crop_n_layers = crop_n_layers
         self.crop_nms_thresh = crop_nms_thresh
         self.crop_overlap_ratio = crop_overlap_ratio
@@ -217,7 +225,7 @@ class AutomaticMaskGenerator:
         found = self.generate_masks(image)
         if self.min_mask_region_area > 0:
             found = self.postprocess_small_regions(found, (height, width), self.min_mask_region_area,
-                                                   max(self.filters.box_nms_thresh, self.crop_nms_thresh))
+                                                   max(self.box_nms_thresh, self.crop_nms_thresh))
         return [self._record(found, i, height, width) for i in range(len(found.masks))]
 
     def generate_masks(self, image: np.ndarray) -> MaskSet:
@@ -294,7 +302,8 @@ class AutomaticMaskGenerator:
         geometry = dict(input_hw=input_hw, crop_hw=crop_hw)
         out = _crop_candidates(self._graphdef, self._state, embedding, padded.reshape(n_batches, batch, 2),
                                point_valid.reshape(n_batches, batch), np.asarray(crop_box, np.int32),
-                               np.asarray([0, 0, width, height], np.int32), filters=self.filters, **geometry)
+                               np.asarray([0, 0, width, height], np.int32), self.thresholds, filters=self.filters,
+                               **geometry)
         kept = int(out["kept"])
         order = np.asarray(out["order"])[:kept]
         masks = []

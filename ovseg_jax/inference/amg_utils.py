@@ -197,14 +197,22 @@ def is_box_near_crop_edge(boxes: jax.Array, crop_box: Sequence[int], orig_box: S
     return jnp.any(near_crop & ~near_image, axis=-1)
 
 
-def box_nms(boxes: jax.Array, scores: jax.Array, valid: jax.Array, iou_threshold: float
-            ) -> tuple[jax.Array, jax.Array]:
+def float32_floor(value: float) -> np.float32:
+    """The largest float32 <= `value`: a float32 x satisfies x > value (compared in float64, as
+    torchvision's NMS kernel compares its float IoUs with the double threshold) exactly when
+    x > float32_floor(value) in float32 (plain rounding would move 0.3 up to 0.30000001)."""
+    rounded = np.float32(value)
+    return np.nextafter(rounded, np.float32(-np.inf)) if float(rounded) > value else rounded
+
+
+def box_nms(boxes: jax.Array, scores: jax.Array, valid: jax.Array, iou_threshold) -> tuple[jax.Array, jax.Array]:
     """Greedy NMS over a fixed budget of candidates, as torchvision's `batched_nms` with one category.
 
-    `[N, 4]` XYXY boxes, `[N]` scores, bool `[N]` validity -> (int32 `[N]` candidate indices, the kept
-    ones first by decreasing score (ties in index order, as torchvision's stable sort), int32 count
-    kept). A candidate is dropped when its IoU (float32, box areas (x1-x0)(y1-y0)) with a kept
-    higher-ranked one is > `iou_threshold`. One loop step per kept box, none per candidate."""
+    `[N, 4]` XYXY boxes, `[N]` scores, bool `[N]` validity, float32 threshold -> (int32 `[N]`
+    candidate indices, the kept ones first by decreasing score (ties in index order, as
+    torchvision's stable sort), int32 count kept). A candidate is dropped when its IoU (float32,
+    box areas (x1-x0)(y1-y0)) with a kept higher-ranked one is > `iou_threshold`; pass
+    `float32_floor(t)` for torchvision's threshold t. One loop step per kept box, none per candidate."""
     boxes, scores, valid = jnp.asarray(boxes), jnp.asarray(scores), jnp.asarray(valid)
     n = boxes.shape[0]
     key = jnp.where(valid, jnp.where(scores == 0, 0.0, scores.astype(jnp.float32)), -jnp.inf)
