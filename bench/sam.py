@@ -62,8 +62,8 @@ def main() -> None:
     import torch
 
     import ovseg_jax.sam
-    from ovseg_jax.utils.compilation import CompileTimer
     from ovseg_jax.inference.amg import AutomaticMaskGenerator
+    from ovseg_jax.utils.compilation import CompileTimer
     from tests.sam_reference import import_segment_anything
 
     sa = import_segment_anything()
@@ -81,9 +81,9 @@ def main() -> None:
             reference = torch_sam(name, args.size, path)
             fns, compiles, masks = {}, {}, {}
 
-            def counted(generator, label):
+            def counted(generator, label, counts=masks):
                 def generate():
-                    masks[label] = len(generator.generate(image))
+                    counts[label] = len(generator.generate(image))
                 return generate
 
             if not args.no_torch:

@@ -21,7 +21,6 @@ import_segment_anything()
 from segment_anything import SamAutomaticMaskGenerator  # noqa: E402
 from segment_anything.utils import amg as ref  # noqa: E402
 
-
 # ----------------------------------------------------------------------------------------------
 # Utilities
 
@@ -175,7 +174,7 @@ def test_box_nms_equals_torchvision_greedy_nms(threshold):
 def test_box_nms_threshold_compares_in_float64():
     """IoU 3/10 is 0.30000001 in float32: above a threshold of 0.3 for torchvision (float64)."""
     boxes = np.array([[0, 0, 10, 1], [0, 0, 3, 1]], np.float32)
-    order, kept = ours.box_nms(boxes, np.array([1.0, 0.5], np.float32), np.ones(2, bool), ours.float32_floor(0.3))
+    _, kept = ours.box_nms(boxes, np.array([1.0, 0.5], np.float32), np.ones(2, bool), ours.float32_floor(0.3))
     assert int(kept) == 1 and torchvision_nms(boxes, np.array([1.0, 0.5]), 0.3) == [0]
 
 

@@ -26,17 +26,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ovseg_jax.inference.amg_utils import (box_nms, box_xyxy_to_xywh, build_all_layer_point_grids,
-                                           calculate_stability_score, batched_mask_to_box, coco_encode,
-                                           float32_floor, generate_crop_boxes, is_box_near_crop_edge, mask_to_rle, masks_to_boxes_np,
-                                           remove_small_regions, uncrop_boxes_xyxy, uncrop_masks, uncrop_points)
+from ovseg_jax.inference.amg_utils import (batched_mask_to_box, box_nms, box_xyxy_to_xywh, build_all_layer_point_grids,
+                                           calculate_stability_score, coco_encode, float32_floor, generate_crop_boxes,
+                                           is_box_near_crop_edge, mask_to_rle, masks_to_boxes_np, remove_small_regions,
+                                           uncrop_boxes_xyxy, uncrop_masks, uncrop_points)
 from ovseg_jax.models.sam.transforms import ResizeLongestSide
 
 if TYPE_CHECKING:
@@ -146,13 +147,13 @@ class MaskSet:
     points: np.ndarray
     crop_boxes: np.ndarray
 
-    def select(self, index: np.ndarray) -> "MaskSet":
+    def select(self, index: np.ndarray) -> MaskSet:
         """The rows at `index`, in that order."""
         return MaskSet([self.masks[i] for i in index], self.boxes[index], self.iou_preds[index],
                        self.stability[index], self.points[index], self.crop_boxes[index])
 
     @staticmethod
-    def concatenate(sets: Sequence["MaskSet"]) -> "MaskSet":
+    def concatenate(sets: Sequence[MaskSet]) -> MaskSet:
         return MaskSet([m for s in sets for m in s.masks], *(np.concatenate([getattr(s, f) for s in sets])
                                                             for f in ("boxes", "iou_preds", "stability", "points",
                                                                       "crop_boxes")))
@@ -172,7 +173,7 @@ class AutomaticMaskGenerator:
     """segment_anything's `SamAutomaticMaskGenerator` on an `ovseg_jax.models.sam.Sam` (same options,
     defaults and records; see the module docstring for how it runs). Defaults suit SAM ViT-H."""
 
-    def __init__(self, model: "Sam | SamModel", points_per_side: int | None = 32, points_per_batch: int = 64,
+    def __init__(self, model: Sam | SamModel, points_per_side: int | None = 32, points_per_batch: int = 64,
                  pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
                  stability_score_offset: float = 1.0, box_nms_thresh: float = 0.7, crop_n_layers: int = 0,
                  crop_nms_thresh: float = 0.7, crop_overlap_ratio: float = 512 / 1500,

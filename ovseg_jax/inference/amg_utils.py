@@ -10,8 +10,9 @@ pixel indices (a one-pixel mask at (x, y) has the box (x, y, x, y)), as the refe
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from itertools import product
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +45,8 @@ def generate_crop_boxes(im_size: tuple[int, int], n_layers: int, overlap_ratio: 
     for layer in range(1, n_layers + 1):
         n = 2**layer
         overlap = int(overlap_ratio * min(im_h, im_w) * (2 / n))
-        crop_w = int(math.ceil((overlap * (n - 1) + im_w) / n))
-        crop_h = int(math.ceil((overlap * (n - 1) + im_h) / n))
+        crop_w = math.ceil((overlap * (n - 1) + im_w) / n)
+        crop_h = math.ceil((overlap * (n - 1) + im_h) / n)
         for x0, y0 in product([int((crop_w - overlap) * i) for i in range(n)],
                               [int((crop_h - overlap) * i) for i in range(n)]):
             boxes.append([x0, y0, min(x0 + crop_w, im_w), min(y0 + crop_h, im_h)])
