@@ -49,7 +49,7 @@ def _nms(boxes, scores, iou_threshold: float):
         if suppressed[i]:
             continue
         keep.append(i)
-        suppressed |= iou[i] > iou_threshold
+        suppressed |= iou[i].double() > iou_threshold  # float32 IoU vs the float64 threshold, as torchvision's kernel
     return order[torch.tensor(keep, dtype=torch.long)]
 
 
