@@ -421,8 +421,9 @@ def segmenter_training(segmenter: dict, *, clip_init: str, class_names: list[str
 
 def segmentation_data(dataset: str, root: str, *, crop_size: int, short_sides, max_size: int,
                       max_masks: int = 64, num_workers: int = 8) -> ml_collections.ConfigDict:
-    """Segmenter training data: `dataset` (an `ovseg_jax.data.registry` name) under `root`, random
-    short-side scale from `short_sides`, `crop_size` crops, up to `max_masks` class masks per crop."""
+    """Segmenter training data: `dataset` (an `ovseg_jax.data.registry` name under `root`, or a dataset
+    folder, `ovseg_jax.data.custom`), random short-side scale from `short_sides`, `crop_size` crops,
+    up to `max_masks` class masks per crop."""
     c = defaults(DATA["segmentation"])
     c.update({"dataset": dataset, "root": root, "crop_size": crop_size, "scales": tuple(short_sides),
               "max_size": max_size, "max_masks": max_masks, "num_workers": num_workers, "seed": 0})

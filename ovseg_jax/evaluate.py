@@ -2,6 +2,7 @@
 
     python -m ovseg_jax.evaluate --checkpoint ovseg_swinbase_vitL14_ft_mpt.pth \
         --tokenizer bpe_simple_vocab_16e6.txt.gz --dataset ade150 --root $DETECTRON2_DATASETS
+    python -m ovseg_jax.evaluate ... --dataset path/to/my_data --seen-classes seen.txt   # your own (docs/own-data.md)
     python -m ovseg_jax.evaluate ... --sweep lambda=0.6,0.65,...,0.8 --sweep threshold=0.35,0.4,0.45
     python -m ovseg_jax.evaluate ... --mode clip --crop box --no-mask-prompts     # appendix A
     python -m ovseg_jax.evaluate ... --tta flip --tta-scales 0.75,1.0,1.25
@@ -45,6 +46,8 @@ from typing import Sequence
 
 import jax
 
+from ovseg_jax.data import registry
+from ovseg_jax.data.custom import parse_classes, split_name
 from ovseg_jax.evaluation.evaluator import TTA, parse_sweeps, parse_values
 from ovseg_jax.evaluation.protocol import DATASETS, MODES, dataset_spec, evaluate_benchmark, write_report
 from ovseg_jax.evaluation.report import format_table
@@ -61,9 +64,12 @@ def _parser() -> argparse.ArgumentParser:
                    "merged file) or a segmenter training workdir")
     p.add_argument("--tokenizer", help="tokenizer directory or OpenAI's bpe_simple_vocab_16e6.txt.gz (default: "
                    "the workdir run's, or one beside the checkpoint; synthetic: ROOT/tokenizer)")
-    p.add_argument("--dataset", required=True, help=f"{' | '.join(DATASETS)} (or a registry name)")
+    p.add_argument("--dataset", required=True, help=f"{' | '.join(DATASETS)}, a registry name, or the path of your own "
+                   "dataset folder (layouts: docs/own-data.md)")
     p.add_argument("--root", help="datasets root (default $DETECTRON2_DATASETS, else ./datasets; synthetic: the world)")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", help="default val (a dataset folder with one split: that one)")
+    p.add_argument("--seen-classes", help="the classes the model was trained on, comma-separated or a file with one "
+                   "per line (default: a dataset folder's dataset.json 'seen', else the COCO-Stuff name match)")
     p.add_argument("--out", help="output folder (default outputs/evaluate/<dataset>-<split>)")
     p.add_argument("--mode", choices=MODES, default="ensemble", help="appendix Table 1: ensemble, segmenter only, "
                    "CLIP only")
@@ -97,6 +103,13 @@ def _load(args, root: str | None):
     return loaded.segmenter, loaded.clip
 
 
+def _seen_classes(text: str) -> list[str]:
+    """`--seen-classes`: a file with one name per line (as classes.txt), or comma-separated names."""
+    if Path(text).is_file():
+        return parse_classes(Path(text))
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def _check(args, sweeps: dict, tta: TTA) -> None:
     for flag in ("batch_size", "max_images", "short", "max_size", "bucket", "clip_top_k"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
@@ -119,8 +132,10 @@ def run(argv: Sequence[str] | None = None, models: tuple | None = None) -> dict:
     args = _parser().parse_args(argv)
     initialize_distributed()
     spec = dataset_spec(args.dataset)
-    tfds = spec.name.startswith("tfds:")
-    root = args.root or (None if tfds else os.environ.get("DETECTRON2_DATASETS", "datasets"))
+    tfds, folder = spec.name.startswith("tfds:"), spec.name not in registry.names()
+    root = spec.name if folder else args.root or (None if tfds else os.environ.get("DETECTRON2_DATASETS", "datasets"))
+    if args.split is None:
+        args.split = "val" if "val" in spec.splits or len(spec.splits) != 1 else spec.splits[0]
     if not tfds and not Path(root).is_dir():
         raise ValueError(f"--root {root}: no such directory (the datasets root, as detectron2's DETECTRON2_DATASETS"
                          + (", or the synthetic world's folder)" if spec.name == "synthetic" else ")"))
@@ -137,9 +152,11 @@ def run(argv: Sequence[str] | None = None, models: tuple | None = None) -> dict:
         mask_prompts=not args.no_mask_prompts, crop=args.crop, clip_top_k=args.clip_top_k, short=args.short,
         max_size=args.max_size, bucket=args.bucket, batch_size=args.batch_size, tta=tta,
         max_images=args.max_images, progress=not args.no_progress, num_workers=args.num_workers,
+        seen_classes=None if args.seen_classes is None else _seen_classes(args.seen_classes),
         labels={"dataset": args.dataset, "checkpoint": args.checkpoint})
     if jax.process_index() == 0:
-        out = Path(args.out or Path("outputs") / "evaluate" / f"{args.dataset.replace(':', '_')}-{args.split}")
+        name = split_name(args.dataset) if folder else args.dataset.replace(":", "_")
+        out = Path(args.out or Path("outputs") / "evaluate" / f"{name}-{args.split}")
         metrics_path, chart = write_report(report, out)
         print(format_table(report))
         print(f"\nwrote {metrics_path} and {chart}")

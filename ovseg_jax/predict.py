@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     names = p.add_mutually_exclusive_group(required=True)
     names.add_argument("--classes", help='comma-separated class names, e.g. "sky,tree,red car"')
     names.add_argument("--classes-file", help="a text file with one class name per line")
+    names.add_argument("--classes-from", metavar="DATASET", help="the class list of a dataset: a dataset folder "
+                       "(docs/own-data.md) or a registry name such as ade20k_150")
     p.add_argument("--input", required=True, nargs="+", help="image files, directories or glob patterns")
     p.add_argument("--output", required=True, help="output directory (created)")
     p.add_argument("--mode", choices=sorted(MODE_DEFAULTS), default="semantic")
@@ -85,7 +87,7 @@ def run(args) -> dict:
     from ovseg_jax.text import templates as resolve_templates  # noqa: PLC0415
 
     _check_args(args)
-    class_names = parse_class_names(args.classes, args.classes_file)
+    class_names = parse_class_names(args.classes, args.classes_file, args.classes_from)
     try:
         templates = parse_templates(args.templates)
         resolve_templates(templates)

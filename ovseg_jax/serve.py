@@ -44,7 +44,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ovseg_jax.inference import visualize
 from ovseg_jax.inference.ensemble import MODES, Predictor, Segmentation, check_class_names
-from ovseg_jax.inference.inputs import load_image, parse_templates, preprocess
+from ovseg_jax.inference.inputs import InputError, load_image, parse_class_names, parse_templates, preprocess
 from ovseg_jax.inference.loading import MODE_DEFAULTS, RESIZE, load_predictor
 from ovseg_jax.inference.results import render, summarize
 from ovseg_jax.text import templates as resolve_templates
@@ -145,8 +145,10 @@ def _optional_fraction(text: str, field: str, low_open: bool) -> float | None:
     return value
 
 
-def parse_request(fields: dict[str, tuple[str | None, bytes]]) -> SegmentRequest:
-    """The form's fields -> a checked SegmentRequest; RequestError naming the field otherwise."""
+def parse_request(fields: dict[str, tuple[str | None, bytes]],
+                  default_names: list[str] | None = None) -> SegmentRequest:
+    """The form's fields -> a checked SegmentRequest (blank class names: `default_names`, when
+    given); RequestError naming the field otherwise."""
     def text(name: str) -> str:
         try:
             return fields.get(name, (None, b""))[1].decode("utf-8")
@@ -157,7 +159,7 @@ def parse_request(fields: dict[str, tuple[str | None, bytes]]) -> SegmentRequest
     mode = text("mode").strip() or "semantic"
     if mode not in MODES:
         raise RequestError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-    names = parse_names(text("classes"))
+    names = list(default_names) if default_names and not text("classes").strip() else parse_names(text("classes"))
     return SegmentRequest(decode_image(data, filename), names, mode,
                           _optional_fraction(text("ensemble_weight"), "λ (ensemble weight)", low_open=False),
                           _optional_fraction(text("mask_threshold"), "mask threshold", low_open=True),
@@ -177,9 +179,10 @@ class Service:
     `inference.loading.MODE_DEFAULTS` in the other mode (semantic 0.7 / 0.4, demo 0 / 0.35)."""
 
     def __init__(self, predictor: Predictor | None, *, checkpoint: str | None = None, short: int | None = None,
-                 max_size: int | None = None):
+                 max_size: int | None = None, class_names: list[str] | None = None):
         resize = (predictor.resize if predictor is not None else None) or RESIZE["swin"]
         self.base, self.checkpoint = predictor, checkpoint
+        self.class_names = class_names  # a blank class field means these (--classes-from)
         self.short, self.max_size = short or resize[0], max_size or resize[1]
         self._lock = threading.Lock()
         self._predictors: dict[tuple, Predictor] = {}
@@ -328,7 +331,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._body()
             self.service.check_loaded()  # before the input checks: no model is what the user must fix first
             fields = parse_multipart(self.headers.get("Content-Type", ""), body)
-            return HTTPStatus.OK, self.service.segment(parse_request(fields))
+            return HTTPStatus.OK, self.service.segment(parse_request(fields, self.service.class_names))
         except RequestError as e:
             return e.status, {"error": str(e)}
         except ValueError as e:  # the predictor's input checks (e.g. an image too large for the model)
@@ -365,7 +368,9 @@ def page(service: Service) -> str:
     options = "".join(f'<option value="{m}"{" selected" if m == status["mode"] else ""}>{html.escape(label)}</option>'
                       for m, label in (("semantic", "semantic: every pixel gets a class"),
                                        ("demo", "demo: the best proposal of each class, the rest unlabeled")))
-    return (_PAGE.replace("{banner}", banner).replace("{options}", options)
+    hint = (f"blank: the {len(service.class_names)} classes of the dataset ({', '.join(service.class_names[:4])}, ...)"
+            if service.class_names else "comma-separated, e.g. cat, sofa, wall")
+    return (_PAGE.replace("{banner}", banner).replace("{options}", options).replace("{classes_hint}", html.escape(hint))
             .replace("{defaults}", json.dumps(status["defaults"] or {}).replace("</", "<\\/")))
 
 
@@ -395,7 +400,7 @@ button { width: 9em; padding: 6px; font-weight: 600; }
 <form id="form" novalidate>
   <label for="image">Image</label><input id="image" name="image" type="file" accept="image/*">
   <label for="classes">Class names</label>
-  <input id="classes" name="classes" type="text" placeholder="comma-separated, e.g. cat, sofa, wall">
+  <input id="classes" name="classes" type="text" placeholder="{classes_hint}">
   <label for="mode">Mode</label>
   <select id="mode" name="mode">{options}</select>
   <label for="ensemble_weight">λ (CLIP's weight)</label>
@@ -475,6 +480,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-size", type=int, help="... with the long side at most this (2560 / 2048; demo 512)")
     parser.add_argument("--mask-threshold", type=float, help="default mask threshold (the page can override it)")
     parser.add_argument("--ensemble-weight", type=float, help="default λ (the page can override it)")
+    parser.add_argument("--classes-from", metavar="DATASET", help="a dataset folder (docs/own-data.md) or registry "
+                        "name whose class list a blank class field on the page means")
     parser.add_argument("--templates", default="vild", help="prompt templates: 'vild' (14), 'single', or your own "
                                                              "with '{}', separated by ';' (the demo's: 'a {}')")
     parser.add_argument("--cache-dir", help="JAX persistent compilation cache: later starts compile faster")
@@ -495,6 +502,12 @@ def main(argv: list[str] | None = None) -> None:
         resolve_templates(templates)
     except ValueError as e:
         fail(f"--templates: {e}")
+    class_names = None
+    if args.classes_from:
+        try:
+            class_names = parse_class_names(classes_from=args.classes_from)
+        except InputError as e:
+            fail(str(e))
     predictor = None
     if args.checkpoint:
         if args.cache_dir:
@@ -506,7 +519,8 @@ def main(argv: list[str] | None = None) -> None:
             predictor = load_predictor(args.checkpoint, args.tokenizer, templates=templates, **kwargs)
         except (OSError, ValueError) as e:
             fail(f"cannot load {args.checkpoint}: {str(e).splitlines()[0]}")
-    service = Service(predictor, checkpoint=args.checkpoint, short=args.short, max_size=args.max_size)
+    service = Service(predictor, checkpoint=args.checkpoint, short=args.short, max_size=args.max_size,
+                      class_names=class_names)
     try:
         server = make_server(service, args.host, args.port)
     except OSError as e:

@@ -269,8 +269,9 @@ def clip_pairs_loader(path: str | Path, tokenizer: Tokenizer | str | Path, *, ba
 
 
 def read_captions(path: str | Path) -> list[tuple[str, str]]:
-    """`captions.jsonl` lines `{"image": relative path, "caption": str}` -> [(image path, caption)]."""
-    path = Path(path)
+    """`captions.jsonl` lines `{"image": relative path, "caption": str}` (or a folder holding
+    `captions.jsonl` beside its images) -> [(image path, caption)]."""
+    path = captions_file(path)
     if not path.is_file():
         raise DatasetLayoutError(f"{path}: captions file not found; expected JSON lines "
                                  "{'image': path relative to the file, 'caption': text} "
@@ -291,6 +292,12 @@ def read_captions(path: str | Path) -> list[tuple[str, str]]:
     if not out:
         raise DatasetLayoutError(f"{path}: no captions in the file")
     return out
+
+
+def captions_file(path: str | Path) -> Path:
+    """A captions file, or a folder's `captions.jsonl`."""
+    path = Path(path)
+    return path / "captions.jsonl" if path.is_dir() else path
 
 
 def _caption_example(item: tuple[str, str], rng: np.random.Generator, *, size: int, tokenizer: Tokenizer) -> dict:

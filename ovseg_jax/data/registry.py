@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from ovseg_jax.data import synthetic
+from ovseg_jax.data import custom, synthetic
 from ovseg_jax.data.classes import class_names
 from ovseg_jax.data.sources import DatasetLayoutError, SegmentationSource
 
@@ -141,7 +141,12 @@ def names() -> tuple[str, ...]:
 
 
 def get(name: str) -> DatasetSpec:
-    """The registered dataset `name` (see `names()`)."""
-    if name not in _SPECS:
-        raise KeyError(f"unknown dataset {name!r}; registered: {', '.join(_SPECS)}")
-    return _SPECS[name]
+    """The registered dataset `name` (see `names()`), or a dataset folder given by path (anything
+    that exists on disk or contains a path separator; layouts in `ovseg_jax.data.custom`)."""
+    if name in _SPECS:
+        return _SPECS[name]
+    if custom.is_path(name):
+        dataset = custom.open_dataset(name)
+        return DatasetSpec(dataset.name, dataset.class_names, dataset.ignore_value, dataset.ensemble_weight,
+                           dataset.make_source, dataset.splits)
+    raise KeyError(f"unknown dataset {name!r}; registered: {', '.join(_SPECS)}, or a dataset folder by path")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import jax
 
@@ -19,7 +20,7 @@ from ovseg_jax.data import registry
 from ovseg_jax.evaluation.evaluator import TTA, evaluate, grid
 from ovseg_jax.evaluation.metrics import segmentation_metrics
 from ovseg_jax.evaluation.report import draw_iou_chart, finite, format_table
-from ovseg_jax.evaluation.seen import unseen_classes
+from ovseg_jax.evaluation.seen import seen_rule, unseen_classes
 from ovseg_jax.inference.ensemble import Predictor
 from ovseg_jax.inference.inputs import BUCKET
 from ovseg_jax.inference.loading import RESIZE
@@ -33,12 +34,13 @@ MODES = ("ensemble", "segmenter", "clip")
 
 
 def dataset_spec(name: str) -> registry.DatasetSpec:
-    """A short benchmark name (`DATASETS`) or a registry name -> its `registry.DatasetSpec`."""
+    """A short benchmark name (`DATASETS`), a registry name or a dataset folder's path (layouts in
+    `ovseg_jax.data.custom`) -> its `registry.DatasetSpec`."""
     try:
         return registry.get(DATASETS.get(name, name))
     except KeyError:
-        raise ValueError(f"--dataset {name!r} unknown; expected one of {', '.join(DATASETS)} "
-                         f"or a registry name ({', '.join(registry.names())})") from None
+        raise ValueError(f"--dataset {name!r} unknown; expected one of {', '.join(DATASETS)}, "
+                         f"a registry name ({', '.join(registry.names())}) or a dataset folder") from None
 
 
 def model_defaults(backbone: str, dataset: str) -> dict:
@@ -63,19 +65,26 @@ def evaluate_benchmark(segmenter, clip, spec: registry.DatasetSpec, root: str | 
                        clip_top_k: int | None = None, short: int | None = None, max_size: int | None = None,
                        bucket: int | None = None, batch_size: int = 1, tta: TTA = TTA(),
                        max_images: int | None = None, progress: bool = True, num_workers: int = 0,
-                       labels: dict | None = None) -> dict:
+                       seen_classes: Sequence[str] | None = None, labels: dict | None = None) -> dict:
     """Evaluate a (Segmenter, Clip) pair on `spec`'s `split` under the protocol -> the report
     (`metrics.json`'s content: the best setting's metrics, `setting`, `unseen`, and `sweep` for a grid).
 
     Unset options take the protocol's values (`model_defaults`, the dataset's λ); `mode` "segmenter"
     sets λ to None, "clip" to 0; `sweeps` {"lambda": [...], "threshold": [...]} evaluates their grid.
+    `seen_classes`: the classes the models were trained on (default: `seen.unseen_classes`'s rule);
     `labels`: extra fields for the report (e.g. the dataset name as typed, the checkpoint)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     sweeps = sweeps or {}
     source = spec.make_source(root, split)
     names = list(source.class_names)
-    unseen = unseen_classes(spec.name, names, root)
+    if seen_classes is None:
+        unseen, rule = unseen_classes(spec.name, names, root), seen_rule(spec.name)
+    else:
+        unknown = [n for n in seen_classes if n not in names]
+        if unknown:
+            raise ValueError(f"seen classes {unknown} are not classes of {spec.name} ({', '.join(names)})")
+        unseen, rule = [n for n in names if n not in seen_classes], "given seen classes (--seen-classes)"
     backbone = segmenter.config.backbone
     defaults = model_defaults(backbone, spec.name)
     threshold = defaults["mask_threshold"] if mask_threshold is None else mask_threshold
@@ -104,8 +113,7 @@ def evaluate_benchmark(segmenter, clip, spec: registry.DatasetSpec, root: str | 
                     "devices": len(jax.devices()), "tta": {"scales": list(tta.scales), "flip": tta.flip}},
         **metrics[best],
         "unseen": unseen,
-        "seen_rule": "synthetic world classes.json" if spec.name == "synthetic" else
-                     "COCO-Stuff-171 name match (ovseg_jax.evaluation.seen.coco_seen)",
+        "seen_rule": rule,
     }
     report.setdefault("dataset", spec.name)
     if len(settings) > 1:

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from ovseg_jax.data import registry
+from ovseg_jax.data import custom, registry
 
 # Spelling variants between COCO-Stuff's names and the benchmarks' (normalised: letters only).
 COCO_ALIASES = {"airplane": ("aeroplane", "plane"), "motorcycle": ("motorbike",), "tv": ("tvmonitor", "television"),
@@ -37,9 +37,23 @@ def coco_seen(class_names: Sequence[str], coco_names: Sequence[str]) -> list[boo
     return [any(_letters(part) in keys for part in name.split(",") if part.strip()) for name in class_names]
 
 
+def seen_rule(dataset: str) -> str:
+    """Where `unseen_classes` takes a dataset's unseen classes from (for reports)."""
+    if dataset == "synthetic":
+        return "synthetic world classes.json"
+    if dataset not in registry.names() and custom.is_path(dataset) and custom.open_dataset(dataset).seen is not None:
+        return f"{Path(dataset) / 'dataset.json'} seen list"
+    return "COCO-Stuff-171 name match (ovseg_jax.evaluation.seen.coco_seen)"
+
+
 def unseen_classes(dataset: str, class_names: Sequence[str], root: str | Path | None) -> list[str]:
-    """The unseen classes of a registry dataset: the synthetic world's `classes.json` "unseen" list,
-    else the classes `coco_seen` finds no COCO-Stuff match for (none for COCO-Stuff itself)."""
+    """The unseen classes of a registry dataset: the synthetic world's `classes.json` "unseen" list;
+    for a dataset folder, the classes its `dataset.json` does not list as `seen`; else the classes
+    `coco_seen` finds no COCO-Stuff match for (none for COCO-Stuff itself)."""
+    if dataset not in registry.names() and custom.is_path(dataset):
+        unseen = custom.open_dataset(dataset).unseen(class_names)
+        if unseen is not None:
+            return unseen
     if dataset == "synthetic":
         path = Path(root) / "classes.json"
         try:

@@ -50,10 +50,22 @@ def padded_shape(hw: tuple[int, int], short: int = 640, max_size: int = 2560, bu
     return transforms.bucket_size(h, bucket=bucket), transforms.bucket_size(w, bucket=bucket)
 
 
-def parse_class_names(classes: str | None = None, classes_file: str | os.PathLike | None = None) -> list[str]:
-    """`"sky, tree,red car"` (comma-separated) or a file with one name per line (empty lines skipped)
-    -> checked names (`ensemble.check_class_names`); `InputError` for blank or duplicate names."""
-    if classes_file is not None:
+def parse_class_names(classes: str | None = None, classes_file: str | os.PathLike | None = None,
+                      classes_from: str | None = None) -> list[str]:
+    """`"sky, tree,red car"` (comma-separated), a file with one name per line (empty lines skipped)
+    or the class list of a dataset (`classes_from`: a registry name or a dataset folder, see
+    `ovseg_jax.data.custom`) -> checked names (`ensemble.check_class_names`); `InputError` for blank
+    or duplicate names, or a dataset that cannot be read."""
+    if classes_from is not None:
+        from ovseg_jax.data import registry  # noqa: PLC0415
+        from ovseg_jax.data.sources import DatasetLayoutError  # noqa: PLC0415
+
+        try:
+            names = list(registry.get(classes_from).class_names)
+        except (KeyError, DatasetLayoutError) as e:
+            raise InputError(f"--classes-from {classes_from}: {str(e).splitlines()[0]}") from None
+        source = f"--classes-from {classes_from}"
+    elif classes_file is not None:
         path = Path(classes_file)
         if not path.is_file():
             raise InputError(f"classes file {path}: no such file")

@@ -76,7 +76,7 @@ READERS = ("jsonl", "coco", "tfds")
 SCHEMA = Section({
     "data": Section({
         "kind": Field((str,)),  # READERS
-        "path": Field((str,), ""),  # jsonl: captions.jsonl; coco: the root with annotations/ and <split>/
+        "path": Field((str,), ""),  # jsonl: captions.jsonl or its folder; coco: the root with annotations/, <split>/
         "split": Field((str,), "train2017"),  # coco: train2017 / val2017; tfds: train / val / restval / test
         "data_dir": Field((str,), ""),  # tfds: TFDS data_dir ("" = TFDS's default)
         "captions": Field((str,), "one"),  # "one" (the first caption, the paper's 1cap) or "all"
@@ -120,7 +120,8 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
             if value not in allowed:
                 errors.append(f"config.{name}={value!r}: expected one of {allowed}")
         if config.sources != "captions" and not config.gt.dataset:
-            errors.append(f"config.sources={config.sources!r} needs config.gt.dataset (a registry dataset name)")
+            errors.append(f"config.sources={config.sources!r} needs config.gt.dataset (a registry dataset name "
+                          "or a dataset folder, docs/own-data.md)")
         if config.model.batch_size <= 0:
             errors.append(f"config.model.batch_size={config.model.batch_size}: must be > 0")
     if errors:
@@ -134,12 +135,13 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 
 class JsonlCaptions:
-    """`captions.jsonl` (`pipeline.read_captions`: `{"image", "caption"}` lines), one item per image."""
+    """`captions.jsonl` (`pipeline.read_captions`: `{"image", "caption"}` lines; or a folder of images
+    with its `captions.jsonl`), one item per image."""
 
     def __init__(self, path: str | Path):
-        from ovseg_jax.data.pipeline import read_captions  # noqa: PLC0415
+        from ovseg_jax.data.pipeline import captions_file, read_captions  # noqa: PLC0415
 
-        self.root = Path(path).parent
+        self.root = captions_file(path).parent
         grouped: dict[str, list[str]] = {}
         for image, caption in read_captions(path):
             grouped.setdefault(image, []).append(caption)
@@ -707,6 +709,7 @@ class Miner:
         g = self.config.gt
         spec = registry.get(g.dataset)
         source = spec.make_source(g.root, g.split)
+        self._gt_root = g.root or (spec.name if spec.name not in registry.names() else "")  # a folder: itself
         names = list(source.class_names)
         writer = _ShardWriter(self.workdir, "gt", self.index, self.count, self.config, self.config.histogram_bins)
         try:
@@ -730,7 +733,7 @@ class Miner:
             log.warning("ground-truth item %d skipped: %s", i, e)
             return
         paths = getattr(source, "image_paths", None)
-        key = os.path.relpath(paths[i], self.config.gt.root) if paths else f"images/gt_{i:07d}.jpg"
+        key = os.path.relpath(paths[i], self._gt_root) if paths else f"images/gt_{i:07d}.jpg"
         img = _Image(i, key, paths[i] if paths else None, example["image"], example["image"], [])
         ids, pixels = np.unique(example["label"], return_counts=True)
         for j, (cid, n) in enumerate(zip(ids.tolist(), pixels.tolist())):

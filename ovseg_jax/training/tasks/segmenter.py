@@ -8,7 +8,8 @@ Config fields:
   `ovseg_jax.clip.load` reads, or a CLIP-stage trainer workdir, whose saved config gives the
   architecture); `config.model.tokenizer` a tokenizer directory or
   OpenAI BPE file when the checkpoint has none; `config.model.templates` ("vild").
-- `config.model.class_names`: the training classes (e.g. the 171 COCO-Stuff names).
+- `config.model.class_names`: the training classes (e.g. the 171 COCO-Stuff names; for a dataset
+  folder its class list, `configs/custom_seg.py`), one per label id of the training data.
 - `config.init_from`: "" (random init), an OVSeg `.pth`, a backbone-only checkpoint (ImageNet Swin,
   detectron2 R-101 `.pkl`), a transformers MaskFormer directory, or a segmenter-stage workdir.
 - `config.loss`: `{"ce": 1, "mask": 20, "dice": 1, "no_object": 0.1}` (reference 3.3).
@@ -80,9 +81,16 @@ def check_inputs(config) -> None:
         from ovseg_jax.data.sources import DatasetLayoutError  # noqa: PLC0415
 
         try:
-            registry.get(data.dataset).make_source(data.root, data.get("split", "train"))
+            source = registry.get(data.dataset).make_source(data.root, data.get("split", "train"))
         except DatasetLayoutError as e:
             missing.append(f"config.data ({data.dataset} under {data.root!r}): {e}")
+        else:
+            if len(source.class_names) != len(m.class_names):
+                from ovseg_jax.configs import ConfigError  # noqa: PLC0415
+
+                raise ConfigError(f"config.model.class_names has {len(m.class_names)} names but the labels of "
+                                  f"{data.dataset} index {len(source.class_names)} classes "
+                                  f"({', '.join(source.class_names[:3])}, ...)")
     if missing:
         raise FileNotFoundError("missing inputs:\n- " + "\n- ".join(missing))
 
@@ -143,7 +151,8 @@ def loss_config(ce: float = 1.0, mask: float = 20.0, dice: float = 1.0, no_objec
 
 
 def make_data(config):
-    """This process's training batches of `config.data.dataset` (a registry name) under `config.data.root`;
+    """This process's training batches of `config.data.dataset` (a registry name under `config.data.root`,
+    or a dataset folder: `ovseg_jax.data.custom`);
     `config.data.photometric` / `flip` switch the SSD colour jitter and the horizontal flip (reference
     3.1: both on; a world whose classes are colours needs the jitter off)."""
     from ovseg_jax.data import pipeline, registry, transforms  # noqa: PLC0415
