@@ -9,6 +9,10 @@ JPEGs with PNG label maps of ~10 of the 171 COCO-Stuff classes, written in COCO-
 
 Every throughput configuration runs `--runs` times, alternating ours and the reference, and all
 runs are printed (this box's 2 cores are shared: single figures swing).
+
+The last row is a dataset folder of your own (`ovseg_jax.data.custom`): the seconds to index a
+generated folder of `--index-images` small images (20k 32-px PNG pairs) without and with the cached
+index, and the first training batch after it (`--index-only` runs just that row).
 """
 
 from __future__ import annotations
@@ -279,6 +283,39 @@ def baseline(commit: str, argv: list[str]) -> str:
     return proc.stdout
 
 
+def index_latency(num: int, size: int = 32, batch: int = 8) -> None:
+    """Indexing and first-batch seconds of a folder-layout dataset of `num` PNG pairs, cold (no
+    index: the folders are listed) and with the index cached beside the data."""
+    from ovseg_jax.data import index
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        for d in ("images/train", "labels/train"):
+            (root / d).mkdir(parents=True)
+        (root / "classes.txt").write_text("".join(f"class{i}\n" for i in range(20)))
+        rng = np.random.default_rng(0)
+        image, label = rng.integers(0, 256, (size, size, 3), dtype=np.uint8), rng.integers(0, 20, (size, size))
+        Image.fromarray(image).save(root / "image.png")
+        Image.fromarray(label.astype(np.uint8)).save(root / "label.png")
+        for i in range(num):  # hard links: the files exist, the bench measures listing and reading
+            os.link(root / "image.png", root / "images/train" / f"{i:06d}.png")
+            os.link(root / "label.png", root / "labels/train" / f"{i:06d}.png")
+        print(f"\nown-data folder: {num} {size}-px PNG pairs written in {time.perf_counter() - t0:.1f} s")
+        print("| index | open + index s | first batch s |\n|---|---|---|")
+        for label_ in ("cold (listed)", "cached (.ovseg_index.json)"):
+            if label_.startswith("cold"):
+                (root / index.INDEX_FILE).unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            source = registry.get(str(root)).make_source(None, "train")
+            opened = time.perf_counter() - t0
+            it = iter(pipeline.segmentation_loader(source, batch_size=batch, crop_size=size, max_masks=4,
+                                                   process_index=0, process_count=1))
+            next(it)
+            print(f"| {label_} | {opened:.3f} | {time.perf_counter() - t0 - opened:.3f} |", flush=True)
+            assert len(source) == num
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=48)
@@ -292,7 +329,12 @@ def main() -> None:
     parser.add_argument("--baseline-commit", help="also measure the pipeline of this git commit (subprocess)")
     parser.add_argument("--only-ours", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--label", default="ovseg_jax", help=argparse.SUPPRESS)
+    parser.add_argument("--index-images", type=int, default=20000, help="own-data folder size for the index row")
+    parser.add_argument("--index-only", action="store_true", help="only the own-data index row")
     args = parser.parse_args()
+    if args.index_only:
+        index_latency(args.index_images)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         write_coco_like(Path(tmp), args.images)
         spec = registry.get("coco_stuff_171")
@@ -320,6 +362,7 @@ def main() -> None:
             it = iter(pipeline.eval_loader(val, process_index=0, process_count=1))
             rate = _rate(it, 1, min(args.images - 1, args.batches * args.batch), 1)
             print(f"\neval (short side 640, bucket 128), in process: {rate:.1f} images/s")
+            index_latency(args.index_images)
 
 
 if __name__ == "__main__":

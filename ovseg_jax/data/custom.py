@@ -487,8 +487,9 @@ class CustomSource:
 
     def __init__(self, dataset: "CustomDataset", split: str, files: Files):
         self.dataset, self.split = dataset, split
-        self.image_paths = [str(dataset.path / image) for image, _ in files.pairs]
-        self.label_paths = [str(dataset.path / label) for _, label in files.pairs]
+        root = str(dataset.path)  # (strings: pathlib's "/" costs ~50 µs a path, seconds for 100k files)
+        self.image_paths = [f"{root}/{image}" for image, _ in files.pairs]
+        self.label_paths = [f"{root}/{label}" for _, label in files.pairs]
         self._extra = [files.extra.get(label) for _, label in files.pairs]
         self.class_names = dataset.class_names
         self.ignore_value = dataset.ignore_value
