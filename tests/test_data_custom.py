@@ -317,7 +317,7 @@ def test_evaluate_command_on_a_folder_with_seen_classes(demo, tmp_path):
 
     out, segmenter, clip, _, folders = demo
     flags = ["--checkpoint", str(out / "ovseg_synthetic.pth"), "--short", "128", "--max-size", "512",
-             "--bucket", "32", "--templates", "a {}", "--no-progress", "--max-images", "4"]
+             "--bucket", "32", "--templates", "a {}", "--no-progress", "--max-images", "4", "--batch-size", "2"]
     synthetic_report = ev.run(flags + ["--dataset", "synthetic", "--root", str(out / "world"), "--out",
                                        str(tmp_path / "s")], models=(segmenter, clip))
     report = ev.run(flags + ["--dataset", str(folders["coco"]), "--out", str(tmp_path / "c")], models=(segmenter, clip))
