@@ -5,7 +5,7 @@ checkpoint with `configs/custom_seg.py` (CLIP frozen), and evaluated again -> th
 docs/own-data.md.
 
     .venv/bin/python -m ovseg_jax.demo --out outputs/demo
-    .venv/bin/python bench/custom_finetune.py --demo outputs/demo --out outputs/custom_finetune [--steps 300]
+    .venv/bin/python bench/custom_finetune.py --demo outputs/demo --out outputs/custom_finetune [--steps 300 --lr 3e-4]
 
 Evaluation as `python -m ovseg_jax.evaluate --dataset FOLDER` with the demo's test size (short side
 128, long side 512, bucket 32) and template ("a {}"): the segmenter alone and the ensemble at
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--demo", default="outputs/demo", help="python -m ovseg_jax.demo's output folder")
     parser.add_argument("--out", default="outputs/custom_finetune")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=3e-4)
     args = parser.parse_args()
     import ovseg_jax.clip
     import ovseg_jax.segmenter
