@@ -238,7 +238,7 @@ def test_check_reports_an_empty_class_file_and_passes_a_clean_dataset(world, tmp
 
 
 def test_classes_from_a_dataset_folder(world, tmp_path):
-    from ovseg_jax import predict, serve
+    from ovseg_jax import predict
     from ovseg_jax.inference.inputs import InputError, parse_class_names
 
     export_layouts.export_world(world, tmp_path, "folder", splits=("val",), rename=RENAMED)
@@ -250,11 +250,6 @@ def test_classes_from_a_dataset_folder(world, tmp_path):
     args = predict.build_parser().parse_args(["--checkpoint", "c", "--classes-from", str(tmp_path), "--input", "x",
                                               "--output", "o"])
     assert args.classes_from == str(tmp_path)
-    upload = Image.new("RGB", (4, 4))
-    buffer = __import__("io").BytesIO()
-    upload.save(buffer, "PNG")
-    request = serve.parse_request({"image": ("a.png", buffer.getvalue()), "classes": (None, b"")}, names)
-    assert request.names == names
 
 
 def test_ground_truth_pairs_from_a_dataset_folder(world, tmp_path):
