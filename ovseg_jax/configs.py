@@ -10,6 +10,7 @@ tuples so that `--config.x='(...)'` can override them (ml_collections cannot par
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import re
@@ -139,6 +140,50 @@ RESUMABLE = ("log_every", "eval_every", "profile_steps", "scan_layers", "remat",
 _HINTS = {"optim.schedule.total_steps": " (the schedule runs over config.total_steps; set that instead)"}
 
 
+def _hint(path: str) -> str:
+    """The `_HINTS` entry for a dotted field path, also inside a stage ("ft.optim.schedule.total_steps")."""
+    return next((hint for key, hint in _HINTS.items() if path == key or path.endswith("." + key)), "")
+
+
+def field_names(config: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every field of `config` as a dotted path, sections included ("optim", "optim.schedule.kind")."""
+    names = []
+    for key, value in config.items():
+        names.append(prefix + key)
+        if isinstance(value, CFG):
+            names += field_names(value, f"{prefix}{key}.")
+    return names
+
+
+def closest_fields(config: Mapping[str, Any], path: str, n: int = 3) -> list[str]:
+    """The existing fields of `config` nearest to the dotted `path`: the same name elsewhere (a field
+    that moved) first, then similar paths, then similar names."""
+    names = field_names(config)
+    key = path.rsplit(".", 1)[-1]
+    leaves = {name: name.rsplit(".", 1)[-1] for name in names}
+    similar_keys = set(difflib.get_close_matches(key, set(leaves.values()), n=n, cutoff=0.75))
+    found = ([name for name, leaf in leaves.items() if leaf == key] + difflib.get_close_matches(path, names, n=n)
+             + [name for name, leaf in leaves.items() if leaf in similar_keys])
+    return [name for name in dict.fromkeys(found) if not (path + ".").startswith(name + ".")][:n]
+
+
+def unknown_field(config: Mapping[str, Any], path: str) -> str | None:
+    """None if `config` has the dotted field `path` (as in an override `--config.optim.lr=...`), else
+    one line about the first missing part: where it is missing and the closest existing fields."""
+    node, parts = config, path.split(".")
+    for i, key in enumerate(parts):
+        where = "config" + "".join("." + p for p in parts[:i])
+        if not isinstance(node, CFG):
+            return f"{where} is a value ({type(node).__name__}), not a section with a field {key!r}"
+        if key not in node:
+            missing = ".".join(parts[:i + 1])
+            close = closest_fields(config, missing)
+            return (f"{where} has no field {key!r}{_hint(missing)}"
+                    + (f"; closest: {', '.join('config.' + c for c in close)}" if close else ""))
+        node = node[key]
+    return None
+
+
 def _default(field: Field):
     if field.default is None and set(SEQ) & set(field.types):
         return config_dict.placeholder(tuple)  # None, but `--config.x='(...)'` can set it
@@ -171,7 +216,7 @@ def _check_section(values, section: Section, where: str, errors: list[str]) -> N
     if not section.free:
         for key in values.keys():
             if key not in section.fields:
-                errors.append(f"config.{where}{key}: unknown field{_HINTS.get(where + key, '')}; "
+                errors.append(f"config.{where}{key}: unknown field{_hint(where + key)}; "
                               f"{where.rstrip('.') or 'the config'} has {sorted(section.fields)}")
     for key, spec in section.fields.items():
         name = f"{where}{key}"

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        f"(default: the run's, or beside the checkpoint: {', '.join(TOKENIZER_PLACES)})")
     names = p.add_mutually_exclusive_group(required=True)
     names.add_argument("--classes", help='comma-separated class names, e.g. "sky,tree,red car"')
-    names.add_argument("--classes-file", help="a text file with one class name per line")
+    names.add_argument("--classes-file", help="a text file with one class name per line (any readable file, e.g. "
+                       "<(...) in a shell; '-' reads standard input)")
     names.add_argument("--classes-from", metavar="DATASET", help="the class list of a dataset: a dataset folder "
                        "(docs/own-data.md) or a registry name such as ade20k_150")
     p.add_argument("--input", required=True, nargs="+", help="image files, directories or glob patterns")

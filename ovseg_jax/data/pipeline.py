@@ -276,10 +276,12 @@ def read_captions(path: str | Path) -> list[tuple[str, str]]:
         raise DatasetLayoutError(f"{path}: captions file not found; expected JSON lines "
                                  "{'image': path relative to the file, 'caption': text} "
                                  "(python -m ovseg_jax.data.synthetic writes one)")
+    raw = path.read_bytes()
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not a text file ({e}); expected JSON lines "
+        line_no = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}: not a text file ({e}, line {line_no}); expected JSON lines "
                          "{'image': path relative to the file, 'caption': text}") from None
     out = []
     for line_no, line in enumerate(text.splitlines(), 1):

@@ -52,10 +52,11 @@ def padded_shape(hw: tuple[int, int], short: int = 640, max_size: int = 2560, bu
 
 def parse_class_names(classes: str | None = None, classes_file: str | os.PathLike | None = None,
                       classes_from: str | None = None) -> list[str]:
-    """`"sky, tree,red car"` (comma-separated), a file with one name per line (empty lines skipped)
-    or the class list of a dataset (`classes_from`: a registry name or a dataset folder, see
+    """`"sky, tree,red car"` (comma-separated), a file with one name per line (empty lines skipped;
+    any readable file, pipes such as a shell's `<(...)` included, and `-` for standard input) or the
+    class list of a dataset (`classes_from`: a registry name or a dataset folder, see
     `ovseg_jax.data.custom`) -> checked names (`ensemble.check_class_names`); `InputError` for blank
-    or duplicate names, or a dataset that cannot be read."""
+    or duplicate names, or a file or dataset that cannot be read."""
     if classes_from is not None:
         from ovseg_jax.data import registry  # noqa: PLC0415
         from ovseg_jax.data.sources import DatasetLayoutError  # noqa: PLC0415
@@ -66,15 +67,22 @@ def parse_class_names(classes: str | None = None, classes_file: str | os.PathLik
             raise InputError(f"--classes-from {classes_from}: {str(e).splitlines()[0]}") from None
         source = f"--classes-from {classes_from}"
     elif classes_file is not None:
-        path = Path(classes_file)
-        if not path.is_file():
-            raise InputError(f"classes file {path}: no such file")
+        import sys  # noqa: PLC0415
+
+        stdin = str(classes_file) == "-"
+        source = "classes from standard input" if stdin else f"classes file {classes_file}"
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            data = getattr(sys.stdin, "buffer", sys.stdin).read() if stdin else Path(classes_file).read_bytes()
+            lines = (data.decode("utf-8") if isinstance(data, bytes) else data).splitlines()
+        except FileNotFoundError:
+            raise InputError(f"{source}: no such file") from None
+        except IsADirectoryError:
+            raise InputError(f"{source}: a directory (expected a text file with one class name per line)") from None
+        except OSError as e:
+            raise InputError(f"{source}: cannot be read ({e.strerror or e})") from None
         except UnicodeDecodeError:
-            raise InputError(f"classes file {path}: not UTF-8 text (expected one class name per line)") from None
+            raise InputError(f"{source}: not UTF-8 text (expected one class name per line)") from None
         names = [line.strip() for line in lines if line.strip()]
-        source = f"classes file {path}"
     else:
         names = [n.strip() for n in (classes or "").split(",")]
         names = [] if names == [""] else names

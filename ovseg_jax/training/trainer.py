@@ -12,9 +12,14 @@ Train state (a dict, checkpointed by `ovseg_jax.training.checkpoint`): `params` 
 float32), `opt_state` (optax state over the trained parameters only), `step` (int32), `rng`
 (raw uint32 key data; the step's key is `fold_in(rng, step)`), and `model_state` (non-parameter
 model variables, if the model has any). `train_step(state, batch) -> (state, metrics)` is pure and
-compiled once with explicit in/out shardings, donating the old state. A step whose loss or gradient
-norm is not finite changes nothing (metric `nonfinite` = 1) and the loop
-raises `NonFiniteLossError` before any later checkpoint, so every saved state is finite.
+compiled once with explicit in/out shardings, donating the old state. A step whose loss, gradient
+norm or resulting parameters / optimizer state would not be finite changes nothing (metric
+`nonfinite` = 1) and the loop raises `NonFiniteLossError` before any later checkpoint, so every
+saved state is finite; a checkpoint that is not (saved by an older version) is refused on resume.
+
+Several CPU devices in one process (`--xla_force_host_platform_device_count=N`) need XLA's
+memory-minimising scheduler once the persistent compilation cache holds the steps
+(`prepare_simulated_devices`, which the command calls; see `SIMULATED_DEVICES_XLA_FLAG`).
 
 Configs are validated against their task's schema (`ovseg_jax.configs.validate`) before anything is
 built; a workdir whose saved config differs (outside `configs.RESUMABLE`) is not resumed unless
@@ -29,9 +34,11 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
+import re
 import signal
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, MutableMapping
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +46,7 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ovseg_jax import configs
@@ -52,10 +60,62 @@ from ovseg_jax.training.monitor import create_writer, metric_writers, parameter_
 log = logging.getLogger("ovseg_jax.train")  # one logger name for the loop and its command
 
 DTYPES = {name: jnp.dtype(name) for name in configs.DTYPES}
+# The loop waits for the step this many steps back before dispatching another: it bounds the device
+# memory held by queued batches and stays below XLA:CPU's in-flight limit per device (a loop of
+# 2-device collective programs on a 2-core machine deadlocked when it waited every 40 steps, not
+# every 24: queued launches hold the client's threads the oldest one needs).
+MAX_STEPS_AHEAD = 8
+
+# XLA:CPU runs a program's collectives on a thread pool of max(cores, devices) threads, each device's
+# part blocking a thread in a rendezvous until every device has arrived. A program compiled in this
+# process orders its collectives (they share one communicator resource in the thunk executor); the
+# same program loaded from the persistent compilation cache does not in jaxlib 0.10 (each deserialised
+# collective gets a resource of its own), so a step's independent all-gathers (the contrastive loss's
+# image and text features) run at once, one device's waits take every thread, the other device never
+# arrives, and the rendezvous aborts the process after 40 s ("Termination timeout for all gather").
+# XLA's memory-minimising scheduler orders them again through the buffers they reuse; it is read
+# when the backend starts, so `prepare_simulated_devices` must run before any JAX computation.
+SIMULATED_DEVICES_XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+_SCHEDULER_CHOSEN = re.compile(r"--xla_cpu_enable_concurrency_optimized_scheduler(=|\b)")
+_SCHEDULER_OFF = re.compile(r"--xla_cpu_enable_concurrency_optimized_scheduler=(false|0)\b", re.I)
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss, gradient or update."""
+
+
+def prepare_simulated_devices(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Call before JAX's backend starts: when `XLA_FLAGS` simulates several CPU devices
+    (`--xla_force_host_platform_device_count=N`, N > 1) and does not choose XLA:CPU's scheduler,
+    add `SIMULATED_DEVICES_XLA_FLAG` -> whether it was added."""
+    flags = environ.get("XLA_FLAGS", "")
+    count = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
+    if count is None or int(count.group(1)) < 2 or _SCHEDULER_CHOSEN.search(flags):
+        return False
+    environ["XLA_FLAGS"] = f"{flags} {SIMULATED_DEVICES_XLA_FLAG}".strip()
+    return True
+
+
+def _guard_simulated_devices(mesh) -> None:
+    """Several CPU devices of this process in `mesh`, the persistent compilation cache on and a
+    backend started without `SIMULATED_DEVICES_XLA_FLAG`: programs loaded from the cache can
+    deadlock, so the cache is turned off for this process (logged)."""
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    if len(local) < 2 or local[0].platform != "cpu" or _SCHEDULER_OFF.search(os.environ.get("XLA_FLAGS", "")):
+        return
+    if not (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir):
+        return
+    log.warning("%d CPU devices in this process: the persistent compilation cache is turned off, since XLA:CPU "
+                "programs loaded from it can deadlock in their collectives; to keep it, start the process with "
+                "XLA_FLAGS='... %s' (python -m ovseg_jax.train adds it itself)", len(local), SIMULATED_DEVICES_XLA_FLAG)
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+
+
+def all_finite(tree) -> jax.Array:
+    """Whether every floating-point leaf of `tree` is finite (a bool scalar; one reduction per leaf)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
 
 
 def check_resume(config, workdir: Path) -> None:
@@ -103,13 +163,14 @@ class Trainer:
     """
 
     def __init__(self, config, workdir: str | Path | None = None, *, model: nnx.Module | None = None):
-        configs.validate(config, data=False)
+        configs.validate(config, data=bool(config.get("data")))  # as the command does; a data section if given
         self.config = config
         self.task = tasks.get(config.task)
         self.workdir = Path(workdir) if workdir is not None else None
         if self.workdir is not None:
             check_resume(config, self.workdir)
         self.mesh = sharding.make_mesh(config.mesh)
+        _guard_simulated_devices(self.mesh)
         if model is None:
             model = self.task.build_model(config, dtype=DTYPES[config.dtype], rngs=nnx.Rngs(config.seed))
         set_stack_options(model, scan_layers=config.scan_layers, remat=config.remat)
@@ -174,9 +235,9 @@ class Trainer:
         return nnx.merge(self.graphdef, self.param_tree.unflatten(params), state)
 
     def _train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
-        """One optimiser step on a global batch -> (new state, scalar metrics). If the loss or the
-        gradient norm is not finite, the state is returned unchanged (step included) with metric
-        `nonfinite` = 1."""
+        """One optimiser step on a global batch -> (new state, scalar metrics). If the loss, the
+        gradient norm or the parameters / optimizer state the step would produce are not finite, the
+        state is returned unchanged (step included) with metric `nonfinite` = 1."""
         step = state["step"]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
         params = state["params"]
@@ -189,17 +250,18 @@ class Trainer:
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
         grad_norm = optim.global_norm(grads)
-        # Finite gradients give finite AdamW updates (Adam's step is bounded by about lr): the loss and
-        # the gradient norm decide, before the update, which runs under a cond. Selecting new or old
-        # per tensor afterwards (and testing the updated tensors) made XLA keep copies of the moments
-        # and pass over parameters and moments three more times: 336 ms vs 92 ms for Swin-B's 103M
-        # parameters on 2 CPU cores, a quarter of the step.
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def apply(trained, opt_state):
             updates, opt_state = self.tx.update(grads, opt_state, trained, grad_norm=grad_norm)
             return self.task.post_update(optax.apply_updates(trained, updates)), opt_state
 
+        # Finite gradients can still give a non-finite update (a rate that overflows, a bfloat16
+        # overflow), so the state the step would produce decides too. It is computed twice: here only
+        # into one reduction (XLA fuses the update into it, one read of parameters, gradients and moments,
+        # nothing stored), then under the cond, in place. Selecting new or old per tensor after one
+        # computation made XLA keep copies of the moments and pass over parameters and moments three
+        # more times: 336 ms vs 92 ms for Swin-B's 103M parameters on 2 CPU cores.
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(apply(trained, state["opt_state"]))
         trained, opt_state = jax.lax.cond(ok, apply, lambda *unchanged: unchanged, trained, state["opt_state"])
         new_state = {**state, "params": {**frozen, **trained}, "opt_state": opt_state,
                      "step": jnp.where(ok, step + 1, step)}  # frozen parameters are never touched
@@ -227,6 +289,11 @@ class Trainer:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
         params, train, data_state = self.checkpointer.restore(
             step, abstract["params"], {k: v for k, v in abstract.items() if k != "params"})
+        if not jax.jit(all_finite)((params, train["opt_state"])):
+            raise NonFiniteLossError(
+                f"checkpoint step {step} in {self.checkpointer.directory} holds non-finite parameters or optimizer "
+                f"state (written before the trainer checked updates, or damaged); delete "
+                f"{self.checkpointer.directory / str(step)} to resume from an earlier step")
         self.state = {"params": params, **train}
         if hasattr(data_iter, "set_state"):
             if data_state is not None:
@@ -261,7 +328,8 @@ class Trainer:
             if metrics["nonfinite"] or not np.isfinite(metrics["loss"]):
                 what = (f"loss is {metrics['loss']}" if not np.isfinite(metrics["loss"]) else
                         f"gradient norm is {metrics['grad_norm']}" if not np.isfinite(metrics["grad_norm"]) else
-                        "updated parameters are not finite")
+                        f"the update (learning rate {metrics['learning_rate']:g}) would make parameters or "
+                        "optimizer state non-finite")
                 latest = self.checkpointer.latest_step() if self.checkpointer else None
                 where = (f"the last good checkpoint is step {latest} in {self.checkpointer.directory}"
                          if latest is not None else "no checkpoint was saved")
@@ -323,6 +391,8 @@ class Trainer:
                         raise ValueError(f"batches hold {local_batch} examples x {jax.process_count()} "
                                          f"processes; config.batch_size (global) is {cfg.batch_size}")
                     sharding.check_batch_divisible(cfg.batch_size, self.mesh)
+                if len(pending) >= MAX_STEPS_AHEAD:
+                    jax.block_until_ready(pending[-MAX_STEPS_AHEAD][1])
                 self.state, metrics = self.train_step(self.state, to_global(batch, self.batch_sharding))
                 step += 1
                 pending.append((step, metrics))
@@ -380,7 +450,9 @@ class Trainer:
 
 def make_data(config, task) -> Iterator[Mapping[str, np.ndarray]]:
     """This process's training batches: `config.data.kind == "python"` calls
-    `config.data.factory` ("module:function", called with the config); other kinds are the task's."""
+    `config.data.factory` ("module:function", called with the config); other kinds are the task's.
+    The config is validated first (`configs.validate`, which fills the data section's defaults)."""
+    configs.validate(config)
     data = config.data
     if data.get("kind") == "python":
         module, _, name = data.factory.partition(":")
