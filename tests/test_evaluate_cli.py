@@ -158,11 +158,13 @@ def test_cli_writes_metrics_table_and_chart(demo, tmp_path, capsys):
         assert saved[key] == pytest.approx(want[key], abs=1e-9), key
     printed = capsys.readouterr().out
     assert "mIoU" in printed and f"{saved['mIoU']:5.1f}" in printed and "unseen" in printed
-    chart = Image.open(tmp_path / "per_class_iou.png")
-    assert chart.mode == "RGB" and chart.height > 16 * len(source.class_names)
+    chart = Image.open(tmp_path / "per_class_iou.png").convert("RGB")
+    assert chart.height > 16 * len(source.class_names)  # a row per class
     pixels = np.asarray(chart).reshape(-1, 3)
     for colour in (SEEN_COLOUR, UNSEEN_COLOUR):  # both groups drawn
         assert (pixels == colour).all(axis=1).any()
+    svg = (tmp_path / "per_class_iou.svg").read_text()  # the same chart as SVG, its text kept as text
+    assert all(f">{name}</text>" in svg for name in source.class_names)
 
 
 def test_sweep_cells_equal_separate_evaluations(demo):

@@ -16,6 +16,7 @@ from scipy.special import softmax
 from ovseg_jax.configs import ConfigError
 from ovseg_jax.data import crops, pipeline
 from ovseg_jax.mining import miner, nouns
+from ovseg_jax.utils.progress import progress as progress_bar
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -220,26 +221,38 @@ def test_report_statistics_and_histogram(mined):
     assert "fraction" in report["agreement"] and 0.0 <= report["agreement"]["fraction"] <= 1.0
     with Image.open(workdir / "scores.png") as picture:
         assert picture.size == (640, 360)
+    svg = (workdir / "scores.svg").read_text()  # the same chart as SVG
+    assert ">kept</text>" in svg and ">rejected</text>" in svg and ">threshold 0</text>" in svg  # min_score 0
 
 
-def test_resume_after_a_kill_gives_the_same_pairs(mined, demo_setup, tmp_path, monkeypatch):
+def test_resume_after_a_kill_gives_the_same_pairs(mined, demo_setup, tmp_path, monkeypatch, capsys):
     _, models, make = demo_setup
-    seen = []
+    written = []
 
-    def killed_after_6(item):
-        seen.append(item)
-        if len(seen) == 6:  # mid-batch: two of the second batch's four images are written
-            raise KeyboardInterrupt
+    def killed_after_6(total, desc):  # the progress bar is told after each image's pairs are written
+        bar = progress_bar(total, desc)
 
-    monkeypatch.setattr(miner, "after_image", killed_after_6)
+        def update(n=1):
+            written.append(n)
+            if len(written) == 6:  # mid-batch: two of the second batch's four images are written
+                raise KeyboardInterrupt
+        bar.update = update
+        return bar
+
+    monkeypatch.setattr(miner, "progress_bar", killed_after_6)
     with pytest.raises(KeyboardInterrupt):
         miner.run(make(), tmp_path, models=models)
     progress = json.loads((tmp_path / "shards" / "progress-caption-00000-of-00001.json").read_text())
     assert progress["next"] == 4 and not progress["done"]  # the first batch was committed
-    monkeypatch.setattr(miner, "after_image", lambda item: None)
+    monkeypatch.setattr(miner, "progress_bar", progress_bar)
+    capsys.readouterr()
     report = miner.run(make(), tmp_path, models=models)
     assert (tmp_path / "pairs.jsonl").read_text() == (mined[0] / "pairs.jsonl").read_text()
     assert report["items"] == mined[1]["items"] and report["pairs"] == mined[1]["pairs"]
+    err = capsys.readouterr().err  # stderr is not a terminal here: whole lines, none redrawn in place
+    lines = [line for line in err.splitlines() if line.startswith("mining shard")]
+    assert "\r" not in err and len(lines) == 9  # the start, then each of the 8 items left (fewer than 10 steps)
+    assert lines[0].startswith("mining shard 0/1:   0% 0/8 ") and lines[-1].startswith("mining shard 0/1: 100% 8/8 ")
 
 
 def _rows(path):

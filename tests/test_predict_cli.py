@@ -143,7 +143,10 @@ def test_demo_mode_single_class(demo_files, folder, tmp_path, capsys):
     status = predict.main(["--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer), "--classes", "sky",
                            "--mode", "demo", "--input", str(folder[0] / "plain.png"), "--output", str(tmp_path),
                            "--side-by-side", *COMMON])
-    assert status == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert status == 0, err
+    progress = [line for line in err.splitlines() if line.startswith("predicting:")]  # stderr is no terminal here
+    assert progress[0].startswith("predicting:   0% 0/1 ") and progress[-1].startswith("predicting: 100% 1/1 ")
     labels = np.asarray(Image.open(tmp_path / "plain.labels.png"))
     assert set(np.unique(labels)) <= {0, 255}  # "others" and uncovered pixels are unlabeled
     record = json.loads((tmp_path / "plain.json").read_text())

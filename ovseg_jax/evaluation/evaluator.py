@@ -19,8 +19,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
-import math
-import sys
 import time
 from collections import deque
 from typing import Iterable, Mapping, NamedTuple, Sequence
@@ -30,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ovseg_jax.evaluation.metrics import ConfusionMatrix, segmentation_metrics
+from ovseg_jax.utils.progress import progress as progress_bar
 
 log = logging.getLogger("ovseg_jax.evaluate")
 
@@ -316,40 +315,6 @@ def replicate(predictor, device):
     return replica
 
 
-class Progress:
-    """`done/total images, images/s, ETA` on stderr: rewritten in place on a terminal, else a line
-    every 10%."""
-
-    def __init__(self, total: int, enabled: bool = True, stream=None):
-        self.total, self.enabled, self.stream = total, enabled, stream or sys.stderr
-        self.done, self.start, self._last = 0, time.perf_counter(), -1
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.start
-        rate = self.done / max(elapsed, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        width = 24
-        filled = int(width * self.done / max(self.total, 1))
-        line = (f"evaluating [{'=' * filled}{' ' * (width - filled)}] {self.done}/{self.total} images, "
-                f"{rate:.2f} images/s, ETA {_clock(eta)} (elapsed {_clock(elapsed)})")
-        tenth = int(10 * self.done / max(self.total, 1))
-        if self.stream.isatty():
-            print("\r" + line, end="\n" if self.done >= self.total else "", file=self.stream, flush=True)
-        elif tenth != self._last or self.done >= self.total:
-            print(line, file=self.stream, flush=True)
-        self._last = tenth
-
-
-def _clock(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 class EvalResult(NamedTuple):
     confusion: dict[Setting, np.ndarray]  # [C, C] int64 per setting, summed over processes
     images: int
@@ -385,7 +350,7 @@ def evaluate(predictor, source, settings: Sequence[Setting], *, ignore_value: in
     examples = PassExamples(source, short=short, max_size=max_size, bucket=bucket, tta=tta, max_images=max_images,
                             num_workers=num_workers)
     end = len(source) if max_images is None else min(max_images, len(source))
-    bar = Progress(len(range(jax.process_index(), end, jax.process_count())), enabled=progress)
+    bar = progress_bar(len(range(jax.process_index(), end, jax.process_count())), "evaluating", disable=not progress)
     confusion = {s: ConfusionMatrix(len(names), ignore_value) for s in settings}
     count, start = 0, time.perf_counter()
 
@@ -413,7 +378,9 @@ def evaluate(predictor, source, settings: Sequence[Setting], *, ignore_value: in
                 record(*in_flight.popleft().result())
         while in_flight:
             record(*in_flight.popleft().result())
+        bar.update(examples.num_skipped)
     finally:
+        bar.close()
         for pool in pools or ():
             pool.shutdown(cancel_futures=True)
     counts = _sum_over_processes(np.stack([confusion[s].counts for s in settings]))

@@ -1,4 +1,5 @@
-"""The evaluation report: `metrics.json` (JSON-safe), the printed table, the per-class IoU chart."""
+"""The evaluation report: `metrics.json` (JSON-safe), the printed table, the per-class IoU chart
+(PNG + SVG)."""
 
 from __future__ import annotations
 
@@ -68,51 +69,40 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _font(size: int):
-    from PIL import ImageFont  # noqa: PLC0415
-
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ValueError, OSError, ImportError):  # Pillow < 10.1 or no FreeType
-        return ImageFont.load_default()
-
-
 def draw_iou_chart(iou: Mapping[str, float | None], unseen: Iterable[str], path: str | Path, title: str) -> Path:
-    """Per-class IoU as horizontal bars, best first, coloured seen / unseen (grey: no ground-truth
-    pixels) -> a PNG at `path`."""
-    from PIL import Image, ImageDraw  # noqa: PLC0415
+    """Per-class IoU (%) as horizontal bars, best first, coloured seen / unseen (classes without
+    ground-truth pixels last, grey) -> the PNG at `path` (the same chart as SVG beside it)."""
+    from matplotlib.patches import Patch  # noqa: PLC0415
+
+    from ovseg_jax.utils import charts  # noqa: PLC0415
 
     unseen = set(unseen)
     has = {n: v for n, v in iou.items() if v is not None and not math.isnan(v)}
     order = sorted(has, key=lambda n: -has[n]) + [n for n in iou if n not in has]
-    face = _font(12)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    name_w = int(max([probe.textlength(n, font=face) for n in order] + [60])) + 12
-    bar_w, row, header = 400, 16, 48
-    width, height = name_w + bar_w + 60, header + row * len(order) + 8
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((8, 6), title, fill="black", font=face)
+    colour = {n: NO_GT_COLOUR if n not in has else UNSEEN_COLOUR if n in unseen else SEEN_COLOUR for n in order}
 
     def mean(names):
         values = [has[n] for n in names if n in has]
         return f"{np.mean(values):.1f}" if values else "-"
 
-    x = 8
-    for label, colour in ((f"seen (mean IoU {mean([n for n in iou if n not in unseen])})", SEEN_COLOUR),
-                          (f"unseen (mean IoU {mean(unseen)})", UNSEEN_COLOUR), ("no ground truth", NO_GT_COLOUR)):
-        draw.rectangle([x, 27, x + 10, 37], fill=colour)
-        draw.text((x + 14, 25), label, fill="black", font=face)
-        x += int(probe.textlength(label, font=face)) + 34
-    for i, name in enumerate(order):
-        y = header + i * row
-        draw.text((name_w - 6 - probe.textlength(name, font=face), y + 1), name, fill="black", font=face)
-        if name not in has:
-            draw.text((name_w + 2, y + 1), "no ground truth", fill=NO_GT_COLOUR, font=face)
-            continue
-        colour = UNSEEN_COLOUR if name in unseen else SEEN_COLOUR
-        draw.rectangle([name_w, y + 2, name_w + max(1, round(bar_w * has[name] / 100)), y + row - 3], fill=colour)
-        draw.text((name_w + bar_w + 6, y + 1), f"{has[name]:.1f}", fill="black", font=face)
-    path = Path(path)
-    image.save(path)
-    return path
+    with charts.figure(8, 1.2 + 0.22 * len(order)) as fig:
+        ax = fig.subplots()
+        bars = ax.barh(range(len(order)), [has.get(n, 0.0) for n in order], height=0.7,
+                       color=[_rgb(colour[n]) for n in order])
+        labels = ax.bar_label(bars, [f"{has[n]:.1f}" if n in has else "no ground truth" for n in order],
+                              padding=3, fontsize=9)
+        for name, label in zip(order, labels):
+            label.set_color("black" if name in has else _rgb(NO_GT_COLOUR))
+        ax.set_yticks(range(len(order)), order)
+        ax.set(xlim=(0, 100), ylim=(len(order) - 0.5, -0.5), xlabel="IoU (%)")
+        fig.suptitle(title, x=0.01, ha="left")
+        ax.legend(handles=[Patch(color=_rgb(SEEN_COLOUR), label=f"seen (mean IoU {mean(set(iou) - unseen)})"),
+                           Patch(color=_rgb(UNSEEN_COLOUR), label=f"unseen (mean IoU {mean(unseen)})"),
+                           Patch(color=_rgb(NO_GT_COLOUR), label="no ground truth")],
+                  loc="lower left", bbox_to_anchor=(0, 1), ncols=3, borderaxespad=0.2)
+        png, _ = charts.save(fig, path)
+    return png
+
+
+def _rgb(colour: tuple[int, int, int]) -> tuple[float, ...]:
+    return tuple(c / 255 for c in colour)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -29,6 +28,7 @@ from ovseg_jax.inference.ensemble import Predictor, Segmentation
 from ovseg_jax.inference.inputs import BUCKET, output_stems, padded_shape, preprocess
 from ovseg_jax.inference.results import label_image, render, summarize
 from ovseg_jax.utils.compilation import CompileTimer
+from ovseg_jax.utils.progress import progress as progress_bar
 
 
 def _header_hw(path: Path) -> tuple[int, int]:
@@ -75,33 +75,6 @@ def plan(paths: Sequence[Path], *, short: int, max_size: int, bucket: int, batch
     return batches, skipped
 
 
-class Progress:
-    """A one-line progress bar with rate and ETA on stderr (a line per update when not a terminal)."""
-
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.done, self.stream = total, 0, stream
-        self.start = time.perf_counter()
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        elapsed = time.perf_counter() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        filled = int(24 * self.done / max(self.total, 1))
-        line = (f"[{'#' * filled}{'.' * (24 - filled)}] {self.done}/{self.total} images, {rate:.2f} images/s, "
-                f"elapsed {_clock(elapsed)}, ETA {_clock(eta)}")
-        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
-        if self.tty and self.done >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
-
-
 def _write_outputs(out_dir: Path, item: Item, image: np.ndarray, segmentation: Segmentation,
                    class_names: list[str], settings: dict, side_by_side: bool) -> str:
     """Write the image's overlay, labels PNG and JSON -> a one-line account ("x.jpg: sky 52.9%, ...")."""
@@ -139,15 +112,14 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], class_names: list
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     batches, skipped = plan(paths, short=short, max_size=max_size, bucket=bucket, batch_size=batch_size)
-    bar = Progress(len(paths)) if progress else None
-    if bar and skipped:
-        bar.update(len(skipped))
     settings = {"mode": predictor.mode, "ensemble_weight": predictor.ensemble_weight,
                 "mask_threshold": predictor.mask_threshold, "mask_prompts": predictor.mask_prompts,
                 "templates": predictor.templates if isinstance(predictor.templates, str) else list(predictor.templates),
                 "short": short, "max_size": max_size}
     done, per_image = 0, []
-    with CompileTimer() as compiles, concurrent.futures.ThreadPoolExecutor(2) as pool:
+    with (CompileTimer() as compiles, concurrent.futures.ThreadPoolExecutor(2) as pool,
+          progress_bar(len(paths), "predicting", disable=not progress) as bar):
+        bar.update(len(skipped))
         writes: list[concurrent.futures.Future] = []
         upcoming = pool.submit(_load_batch, batches[0], short, max_size, bucket) if batches else None
         for i, batch in enumerate(batches):
@@ -164,8 +136,7 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], class_names: list
             while len(writes) > 2 * batch_size:  # bound the images held in memory
                 per_image.append(writes.pop(0).result())
             done += len(loaded)
-            if bar:
-                bar.update(len(batch.items))
+            bar.update(len(batch.items))
         per_image.extend(write.result() for write in writes)
     seconds = time.perf_counter() - t0
     return {"images": done, "skipped": [[str(p), reason] for p, reason in skipped], "seconds": round(seconds, 2),

@@ -30,7 +30,7 @@ Writes into the workdir:
   (`sources` "gt" or "both", the appendix's Table 5).
 - `crops.csv` + `crops/*.png` with `write_crops`: the 224 masked crops as the released CSV.
 - `nouns.json` (per noun: class, mentions, pairs, mean score, below threshold),
-  `scores.png` (histogram of each mentioned noun's best score, kept and rejected),
+  `scores.png` + `scores.svg` (histogram of each mentioned noun's best score, kept and rejected),
   `report.json` (images, pairs, unique nouns, skipped items by reason, agreement when known).
 
 Sharding: process p of P (`shard.index`/`shard.count`, default `jax.process_index()` /
@@ -49,7 +49,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -58,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ovseg_jax import configs
 from ovseg_jax.configs import ConfigError, Field, Section
@@ -66,6 +65,7 @@ from ovseg_jax.data import crops
 from ovseg_jax.data.sources import BadExampleError, DatasetLayoutError, read_image, read_label
 from ovseg_jax.data.transforms import bucket_size, resize_image, resized_hw
 from ovseg_jax.mining.nouns import Noun, make_extractor
+from ovseg_jax.utils.progress import progress as progress_bar
 
 log = logging.getLogger("ovseg_jax.mine_pairs")
 
@@ -672,7 +672,7 @@ class Miner:
         bank = self._bank(reader)
         bank_index = {n: k for k, n in enumerate(bank)}
         total = len(self._items(reader, writer.progress.next))
-        bar = _progress_bar(total, f"mining shard {self.index}/{self.count}")
+        bar = progress_bar(total, f"mining shard {self.index}/{self.count}")
         try:
             pending = []
             for batch, next_item in self._batches(reader, writer.progress):
@@ -682,6 +682,7 @@ class Miner:
                     pending = []
             if pending:
                 self._collect(pending, predictors, bank, bank_index, writer, bar, next_item)
+            bar.update(total - bar.n)  # the items skipped before the device (no nouns, unreadable)
             writer.progress.done = True
             writer.commit(len(reader))
         finally:
@@ -696,8 +697,7 @@ class Miner:
         for batch, out in zip(pending, outputs):
             for b, img in enumerate(batch):
                 self._finish_image(writer, img, bank_index, out, b)
-                after_image(img.item)
-            bar.update(len(batch))
+                bar.update(1)  # (tests stop the run here to simulate a kill)
         writer.commit(next_item)
 
     # -- ground truth --------------------------------------------------------------------------
@@ -832,58 +832,26 @@ class Miner:
         return dict(sorted(stats.items(), key=lambda kv: (-kv[1]["pairs"], kv[0])))
 
 
-def after_image(item: int) -> None:
-    """Called after each image's pairs are written (before the batch is committed); tests
-    replace it to simulate a kill."""
-
-
-def _progress_bar(total: int, desc: str):
-    try:
-        from tqdm import tqdm  # noqa: PLC0415  (installed with transformers)
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="img", disable=not sys.stderr.isatty())
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def draw_histogram(kept: Sequence[int], rejected: Sequence[int], score_range: tuple[float, float],
-                   threshold: float, path: str | Path, *, title: str = "", size: tuple[int, int] = (640, 360)) -> Path:
-    """Stacked histogram (kept green, rejected grey) with the threshold as a red line, PIL only."""
-    w, h = size
-    left, right, top, bottom = 50, 15, 30, 40
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    peak = max([a + b for a, b in zip(kept, rejected)] + [1])
-    bins = len(kept)
-    bw = (w - left - right) / bins
-    lo, hi = score_range
-    for k, (a, r) in enumerate(zip(kept, rejected)):
-        x0, x1 = left + k * bw, left + (k + 1) * bw - 1
-        y = h - bottom  # rejected at the bottom, kept stacked on top
-        for count, colour in ((r, (160, 160, 160)), (a, (60, 160, 80))):
-            height = count / peak * (h - top - bottom)
-            draw.rectangle([x0, y - height, x1, y], fill=colour)
-            y -= height
-    tx = left + (threshold - lo) / (hi - lo) * (w - left - right)
-    draw.line([tx, top, tx, h - bottom], fill=(220, 40, 40), width=2)
-    draw.line([left, h - bottom, w - right, h - bottom], fill="black")
-    draw.line([left, top, left, h - bottom], fill="black")
-    for k in range(5):
-        v = lo + (hi - lo) * k / 4
-        x = left + k / 4 * (w - left - right)
-        draw.text((x - 10, h - bottom + 5), f"{v:.2f}", fill="black")
-    draw.text((5, top - 5), str(peak), fill="black")
-    draw.text((5, h - bottom - 10), "0", fill="black")
-    draw.text((left, 8), f"{title}  (green: kept, grey: below {threshold:g}; red: threshold)", fill="black")
-    image.save(path)
-    return Path(path)
+                   threshold: float, path: str | Path, *, title: str = "") -> Path:
+    """Histogram of scores over `score_range` (one bin per count), rejected grey with kept green
+    stacked on top, the threshold a red line -> the PNG at `path` (the same chart as SVG beside it)."""
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+
+    from ovseg_jax.utils import charts  # noqa: PLC0415
+
+    edges = np.linspace(*score_range, len(kept) + 1)
+    with charts.figure(6.4, 3.6) as fig:
+        ax = fig.subplots()
+        ax.stairs(np.add(kept, rejected), edges, baseline=rejected, fill=True, color="#3ca050", label="kept")
+        ax.stairs(rejected, edges, fill=True, color="#a0a0a0", label="rejected")
+        ax.axvline(threshold, color="#dc2828", linewidth=2, label=f"threshold {threshold:g}")
+        ax.set(xlim=score_range, xlabel="score", ylabel="nouns")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title, loc="left")
+        ax.legend()
+        png, _ = charts.save(fig, path)
+    return png
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, **kwargs) -> dict | None:
