@@ -43,6 +43,9 @@ __all__ = ["Clip", "load", "export", "openai_state_dict", "CheckpointError"]
 
 _ANCHORS = ("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight")
 _TEXT_BUCKET = 256  # texts per text-tower call; smaller batches are padded to a power of two
+# Up to this many new class names are encoded one name (its T template texts) per call: a new class
+# list then reuses the one compiled [T, L] text tower instead of compiling its own power of two.
+_FEW_NAMES = 16
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -116,19 +119,24 @@ class Clip:
     def class_embeddings(self, names: Sequence[str], templates: str | Sequence[str] = "vild") -> jax.Array:
         """Template-ensembled class embeddings `[C, D]` (reference 2): each name is formatted into
         every template, encoded and normalised; the mean over templates is normalised again.
-        Names are stripped of surrounding whitespace and cached per (name, templates)."""
+        Names are stripped of surrounding whitespace and cached per (name, templates); up to
+        `_FEW_NAMES` new names are encoded one name per call (one compiled shape per template count)."""
         temps = resolve_templates(templates)
         names = [n.strip() for n in names]
         if not names:
             raise ValueError("class_embeddings needs at least one class name; got an empty list")
         todo = list(dict.fromkeys(n for n in names if (n, temps) not in self._class_cache))
         if todo:
-            feats = self.encode_text([t.format(n) for n in todo for t in temps])
+            if len(todo) <= _FEW_NAMES:
+                feats = np.concatenate([np.asarray(self.encode_text([t.format(n) for t in temps])) for n in todo])
+            else:
+                feats = self.encode_text([t.format(n) for n in todo for t in temps])
             feats = np.asarray(feats).reshape(len(todo), len(temps), -1).mean(axis=1)
             feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
             for name, f in zip(todo, feats):
                 self._class_cache[(name, temps)] = f
-        return jnp.asarray(np.stack([self._class_cache[(n, temps)] for n in names]))
+        # device_put, not jnp.asarray: JAX compiles a staging program per shape for the latter
+        return jax.device_put(np.stack([self._class_cache[(n, temps)] for n in names]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,13 @@ size; the final resize to the original size runs on an output padded to a multip
 `Predictor(..., resize=(640, 2560))` makes `predict(image, names)` resize a raw image as reference
 1.1 first and return labels at its size.
 
+Class lists are bucketed too: the text bank `[C, D]` is zero-padded to a multiple of
+`CLASS_BUCKET` (16) names and the padded classes' logits are set to -inf before every softmax
+(`mask_padded_classes`), so they get probability exactly 0, never win a pixel, and the real classes'
+probabilities are those of the unpadded bank; a new class list of another length thus reuses the
+compiled program (one compilation per padded shape, not per class count). The mask threshold and
+λ are traced as well: a `Predictor` with other values of them reuses the program too.
+
 Two modes:
 - "semantic" (the evaluation path, reference 1.7): every pixel gets the argmax class of
   `Σ_q p[q, c] · M[q]` with the ensemble `p = p_mf^(1-λ) · p_clip^λ` and soft masks `M`.
@@ -66,6 +73,7 @@ MODES = ("semantic", "demo")
 UNLABELED = -1  # demo mode: no proposal covers the pixel
 OTHERS = "others"  # demo mode: the competitor of a single class name (reference 1.10)
 OUTPUT_BUCKET = 64  # final score maps are resized into outputs padded to a multiple of this
+CLASS_BUCKET = 16  # text banks are padded to a multiple of this many classes (one compilation per bucket)
 
 
 class Proposals(NamedTuple):
@@ -108,24 +116,43 @@ def mask_probabilities(mask_logits: jax.Array, padded_hw: tuple[int, int], resiz
     return jnp.where(inside_window(padded_hw, resized_hw), probs, 0.0)
 
 
+def pad_classes(text_bank: jax.Array, bucket: int = CLASS_BUCKET) -> jax.Array:
+    """`[C, D]` class embeddings -> `[Cp, D]`, zero rows appended up to the next multiple of `bucket`
+    (on the host: eager `jnp.pad` / `jnp.asarray` would compile a small program per class count)."""
+    bank = np.asarray(text_bank)
+    return jax.device_put(np.pad(bank, ((0, -len(bank) % bucket), (0, 0))))
+
+
+def mask_padded_classes(logits: jax.Array, num_classes: jax.Array | int) -> jax.Array:
+    """`[..., Cp+1]` class logits of a padded text bank (last column: non-object) -> the same with the
+    padded columns `num_classes..Cp-1` at -inf, so that a softmax gives them exactly 0 and the real
+    classes what the unpadded logits give."""
+    column = jnp.arange(logits.shape[-1])
+    padded = (column >= num_classes) & (column < logits.shape[-1] - 1)
+    return jnp.where(padded, -jnp.inf, logits)
+
+
 def ensemble_class_probs(pred_logits: jax.Array, clip_logits: jax.Array | None, valid: jax.Array | None,
-                         ensemble_weight: float) -> jax.Array:
+                         ensemble_weight: float | jax.Array) -> jax.Array:
     """Geometric ensemble `p_mf^(1-λ) · P_clip^λ` -> `[Q, C]` (reference 1.7 steps 1-5).
 
     pred_logits, clip_logits: `[Q, C+1]` (last column = non-object). `valid`: `[Q]` bool.
     Invalid proposals keep `P_clip = 1`, i.e. `p_mf^(1-λ)`, as in the original.
     `clip_logits=None` gives the MaskFormer-only prediction; `ensemble_weight=0` with CLIP logits
     gives the original's "CLIP only" mode (`p_clip` for valid proposals, 0 for the others).
+    `ensemble_weight` may be a traced scalar: one compiled program then serves every λ, 0 included.
     """
     p_mf = jax.nn.softmax(pred_logits, axis=-1)[:, :-1]
     if clip_logits is None:
         return p_mf
     p_clip = jax.nn.softmax(clip_logits[:, :-1], axis=-1)  # non-object column dropped before softmax
     valid = valid[:, None]
-    if ensemble_weight == 0:
-        return jnp.where(valid, p_clip, 0.0)
-    p_clip = jnp.where(valid, p_clip, 1.0)
-    return p_mf ** (1.0 - ensemble_weight) * p_clip ** ensemble_weight
+    clip_only = jnp.where(valid, p_clip, 0.0)
+    traced = isinstance(ensemble_weight, jax.Array)
+    if not traced and ensemble_weight == 0:
+        return clip_only
+    mixed = p_mf ** (1.0 - ensemble_weight) * jnp.where(valid, p_clip, 1.0) ** ensemble_weight
+    return jnp.where(ensemble_weight == 0, clip_only, mixed) if traced else mixed
 
 
 def proposal_ranking(pred_logits: jax.Array, mask_probs: jax.Array) -> jax.Array:
@@ -169,24 +196,26 @@ def semantic_scores(class_probs: jax.Array, mask_probs: jax.Array) -> jax.Array:
 
 
 def demo_scores(class_probs: jax.Array, mask_probs: jax.Array, valid: jax.Array, *, mask_threshold: float,
-                num_named: int) -> jax.Array:
+                num_named: jax.Array | int) -> jax.Array:
     """The original demo's score map (reference 1.10) -> `[H, W, C]`.
 
     For each of the first `num_named` classes, the valid proposal with the highest probability
     for it is kept with its whole row of `class_probs` `[Q, C]`; the others are zeroed. The map is
     the sum of the kept rows over their hard masks `mask_probs > mask_threshold` `[Q, H, W]`.
-    Classes from `num_named` on (the appended "others") compete but pick nothing.
+    Classes from `num_named` on (the appended "others", padded classes) compete but pick nothing;
+    `num_named` may be traced.
     """
-    q = class_probs.shape[0]
-    best = jnp.argmax(jnp.where(valid[:, None], class_probs, -jnp.inf), axis=0)[:num_named]  # [C']
-    kept = (jax.nn.one_hot(best, q, dtype=jnp.int32).sum(axis=0) > 0) & valid
+    q, c = class_probs.shape
+    best = jnp.argmax(jnp.where(valid[:, None], class_probs, -jnp.inf), axis=0)  # [C]
+    picks = jax.nn.one_hot(best, q, dtype=jnp.int32) * (jnp.arange(c) < num_named)[:, None]  # [C, Q]
+    kept = (picks.sum(axis=0) > 0) & valid
     hard = (mask_probs > mask_threshold).astype(class_probs.dtype)
     return jnp.einsum("qc,qhw->hwc", jnp.where(kept[:, None], class_probs, 0.0), hard, precision="highest")
 
 
 def combine(proposals: Proposals, clip_logits: jax.Array | None, valid: jax.Array | None, *,
             ensemble_weight: float | None, mode: str = "semantic", mask_threshold: float = 0.4,
-            num_named: int | None = None) -> jax.Array:
+            num_named: jax.Array | int | None = None) -> jax.Array:
     """One image's `[Hp, Wp, C]` score map from its proposals and CLIP logits (`None` with
     `ensemble_weight=None`: the segmenter alone)."""
     if ensemble_weight is None:
@@ -212,22 +241,26 @@ def scores_at_original(scores: jax.Array, resized_hw: jax.Array, original_hw: ja
     return jnp.einsum("oh,hwc,pw->opc", rows, scores, cols, precision="highest")
 
 
-def _labels_and_confidence(scores: jax.Array, resized_hw: jax.Array, original_hw: jax.Array, out_hw: tuple[int, int],
-                           num_named: int | None) -> tuple[jax.Array, jax.Array]:
-    """`scores_at_original`, then argmax. With `num_named`, pixels without a positive score or won
-    by a class from `num_named` on are UNLABELED."""
+def _labels_and_confidence(scores: jax.Array, resized_hw: jax.Array, original_hw: jax.Array, num_classes: jax.Array,
+                           num_named: jax.Array, out_hw: tuple[int, int],
+                           unlabeled: bool) -> tuple[jax.Array, jax.Array]:
+    """`scores_at_original`, then argmax over the first `num_classes` classes (the others are a
+    padded bank's). With `unlabeled` (demo mode), pixels without a positive score or won by a class
+    from `num_named` on are UNLABELED."""
     full = scores_at_original(scores, resized_hw, original_hw, out_hw)
+    full = jnp.where(jnp.arange(full.shape[-1]) < num_classes, full, -jnp.inf)
     labels = jnp.argmax(full, axis=-1).astype(jnp.int32)
     confidence = jnp.max(full, axis=-1)
-    if num_named is not None:
+    if unlabeled:
         labels = jnp.where((confidence <= 0) | (labels >= num_named), UNLABELED, labels)
     return labels, confidence
 
 
-@functools.partial(jax.jit, static_argnames=("out_hw", "num_named"))
-def _batch_labels(scores, resized_hw, original_hw, *, out_hw, num_named):
-    return jax.vmap(functools.partial(_labels_and_confidence, out_hw=out_hw, num_named=num_named))(
-        scores, resized_hw, original_hw)
+@functools.partial(jax.jit, static_argnames=("out_hw", "unlabeled"))
+def _batch_labels(scores, resized_hw, original_hw, num_classes, num_named, *, out_hw, unlabeled):
+    one = functools.partial(_labels_and_confidence, num_classes=num_classes, num_named=num_named, out_hw=out_hw,
+                            unlabeled=unlabeled)
+    return jax.vmap(one)(scores, resized_hw, original_hw)
 
 
 def output_bucket(sizes: np.ndarray) -> tuple[int, int]:
@@ -245,9 +278,11 @@ def predict_labels(scores: jax.Array, original_hw: tuple[int, int], resized_hw: 
     h, w = resized_hw
     if min(h, w, *original_hw) <= 0:
         raise ValueError(f"cannot resize {h}x{w} to {original_hw[0]}x{original_hw[1]}: both sizes must be positive")
+    num_classes = scores.shape[-1]
     labels, _ = _batch_labels(scores[None], jnp.asarray([resized_hw], jnp.int32),
-                              jnp.asarray([original_hw], jnp.int32), out_hw=output_bucket(original_hw),
-                              num_named=num_named)
+                              jnp.asarray([original_hw], jnp.int32), jnp.int32(num_classes),
+                              jnp.int32(num_classes if num_named is None else num_named),
+                              out_hw=output_bucket(original_hw), unlabeled=num_named is not None)
     return np.asarray(labels[0, :original_hw[0], :original_hw[1]])
 
 
@@ -300,24 +335,28 @@ def _crops_jit(clip_graph, clip_state, images, mask_probs, pred_logits, text_ban
                        (images, mask_probs, pred_logits))
 
 
-@functools.partial(jax.jit, static_argnames=("seg_graph", "clip_graph", "mask_threshold", "ensemble_weight",
-                                             "mask_prompts", "mode", "num_named", "crop", "top_k"))
-def _scores_jit(seg_graph, seg_state, clip_graph, clip_state, images, text_bank, resized_hw, *, mask_threshold,
-                ensemble_weight, mask_prompts, mode, num_named, crop, top_k):
-    """`[B, Hp, Wp, 3]` 0-255 -> `[B, Hp, Wp, C]` scores (zero outside each `resized_hw`)."""
+@functools.partial(jax.jit, static_argnames=("seg_graph", "clip_graph", "use_clip", "mask_prompts", "mode", "crop",
+                                             "top_k"))
+def _scores_jit(seg_graph, seg_state, clip_graph, clip_state, images, text_bank, resized_hw, num_classes, num_named,
+                mask_threshold, ensemble_weight, *, use_clip, mask_prompts, mode, crop, top_k):
+    """`[B, Hp, Wp, 3]` 0-255, a `[Cp, D]` text bank of which the first `num_classes` rows are real
+    -> `[B, Hp, Wp, Cp]` scores (zero outside each `resized_hw`). The class counts, the mask
+    threshold and λ are traced (a new value does not recompile); `use_clip=False` is the segmenter
+    alone."""
     proposals = _segment(nnx.merge(seg_graph, seg_state), images, text_bank, resized_hw)
     clip = nnx.merge(clip_graph, clip_state)
 
     def one(args):
         image, pred_logits, mask_probs = args
+        pred_logits = mask_padded_classes(pred_logits, num_classes)
         one_image = Proposals(pred_logits, mask_probs)
-        if ensemble_weight is None:
+        if not use_clip:
             return combine(one_image, None, None, ensemble_weight=None)
         clip_logits, valid = _classify_crops(clip, image, mask_probs, text_bank, mask_threshold=mask_threshold,
                                              mask_prompts=mask_prompts, crop=crop, pred_logits=pred_logits,
                                              top_k=top_k)
-        return combine(one_image, clip_logits, valid, ensemble_weight=ensemble_weight, mode=mode,
-                       mask_threshold=mask_threshold, num_named=num_named)
+        return combine(one_image, mask_padded_classes(clip_logits, num_classes), valid,
+                       ensemble_weight=ensemble_weight, mode=mode, mask_threshold=mask_threshold, num_named=num_named)
 
     return jax.lax.map(one, (images, proposals.pred_logits, proposals.mask_probs))
 
@@ -402,13 +441,15 @@ class Predictor:
     max_pixels: larger model inputs are refused (ValueError) instead of allocating gigabytes.
     clip_top_k: run CLIP on the k valid proposals the segmenter ranks highest only (see
         `filtered_clip_logits` for the others; semantic mode); None (default): on all, as the paper.
+    class_bucket: the text bank is padded to a multiple of this many classes (`pad_classes`), so
+        class lists of up to that length share one compilation; 1: no padding.
     """
 
     def __init__(self, segmenter: Segmenter, clip: Clip, *, mask_threshold: float = 0.4,
                  ensemble_weight: float | None = 0.7, mask_prompts: bool = True,
                  templates: str | Sequence[str] = "vild", mode: str = "semantic",
                  resize: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS, crop: str = "masked",
-                 clip_top_k: int | None = None):
+                 clip_top_k: int | None = None, class_bucket: int = CLASS_BUCKET):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} unknown; expected one of {MODES}")
         if crop not in CROPS:
@@ -429,6 +470,9 @@ class Predictor:
         self.mask_prompts = mask_prompts and clip.config.mask_prompt_depth > 0
         self.resize = None if resize is None else _check_hw(resize, "resize (short, max_size)")
         self.max_pixels = max_pixels
+        if isinstance(class_bucket, bool) or not isinstance(class_bucket, (int, np.integer)) or class_bucket <= 0:
+            raise ValueError(f"class_bucket must be a positive number of classes; got {class_bucket!r}")
+        self.class_bucket = int(class_bucket)
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -507,19 +551,22 @@ class Predictor:
     # -- predictions -------------------------------------------------------------------------
 
     def _batch_scores(self, batch: np.ndarray, sizes: np.ndarray, names: list[str], num_named: int) -> jax.Array:
+        """-> `[B, Hp, Wp, Cp]` scores over the padded class list (`class_bucket`); columns from
+        `len(names)` on are padding."""
         seg_graph, seg_state = nnx.split(self.segmenter)
         clip_graph, clip_state = nnx.split(self.clip.model)
         return _scores_jit(seg_graph, seg_state, clip_graph, clip_state, jnp.asarray(batch, jnp.float32),
-                           self.text_bank(names), jnp.asarray(sizes), mask_threshold=self.mask_threshold,
-                           ensemble_weight=self.ensemble_weight, mask_prompts=self.mask_prompts, mode=self.mode,
-                           num_named=num_named, crop=self.crop, top_k=self.clip_top_k)
+                           pad_classes(self.text_bank(names), self.class_bucket), jnp.asarray(sizes),
+                           jnp.int32(len(names)), jnp.int32(num_named), jnp.float32(self.mask_threshold),
+                           jnp.float32(self.ensemble_weight or 0.0), use_clip=self.ensemble_weight is not None,
+                           mask_prompts=self.mask_prompts, mode=self.mode, crop=self.crop, top_k=self.clip_top_k)
 
     def scores(self, image, class_names: Sequence[str], resized_hw: tuple[int, int] | None = None) -> jax.Array:
         """`[Hp, Wp, 3]` uint8 resized (+ padded) image -> `[Hp, Wp, C]` scores (0 outside `resized_hw`).
         In demo mode with one class name, C = 2 (the name and "others")."""
         names, num_named = self._names(class_names)
         batch, sizes = self._images(image, resized_hw)
-        return self._batch_scores(batch, sizes, names, num_named)[0]
+        return self._batch_scores(batch, sizes, names, num_named)[0, ..., :len(names)]
 
     def predict_batch(self, images, class_names: Sequence[str], *, resized_hw=None,
                       original_hw=None) -> list[Segmentation]:
@@ -533,9 +580,9 @@ class Predictor:
         if len(original) != len(batch):
             raise ValueError(f"{len(original)} original sizes for {len(batch)} images")
         scores = self._batch_scores(batch, sizes, names, num_named)
-        labels, confidence = _batch_labels(scores, jnp.asarray(sizes), jnp.asarray(original),
-                                           out_hw=output_bucket(original),
-                                           num_named=num_named if self.mode == "demo" else None)
+        labels, confidence = _batch_labels(scores, jnp.asarray(sizes), jnp.asarray(original), jnp.int32(len(names)),
+                                           jnp.int32(num_named), out_hw=output_bucket(original),
+                                           unlabeled=self.mode == "demo")
         labels, confidence = np.asarray(labels), np.asarray(confidence)
         return [Segmentation(labels[i, :h, :w], confidence[i, :h, :w]) for i, (h, w) in enumerate(original)]
 
