@@ -18,6 +18,7 @@ from tests.train_helpers import PairBatches, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
+LR = tiny_config("ft").optim.lr  # the peak learning rate of every run here
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,10 @@ def single_device_params():
 
 
 def _env(devices: int, **extra) -> dict:
+    """The session's environment (its XLA_FLAGS kept: tests/conftest.py) with `devices` CPU devices."""
     flags = f"--xla_force_host_platform_device_count={devices} --xla_cpu_enable_concurrency_optimized_scheduler=false"
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "XLA_FLAGS": flags, **extra}
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}", **extra}
 
 
 def _run(args, env):
@@ -39,10 +42,15 @@ def _run(args, env):
 
 
 def _assert_params_match(out_file, reference):
-    """Same parameters up to float reduction order: the total update agrees to 3e-3 relative.
+    """Same parameters up to float reduction order: the total update agrees to 3e-3 relative, and all
+    but a few elements to 1e-4.
 
-    (Parameters whose true gradient is zero, such as attention key biases, get Adam updates from
-    rounding noise, so they are compared only through the absolute tolerance.)"""
+    Adam divides each gradient by its own running RMS, so an element whose true gradient is ~0 (the
+    attention key biases': softmax ignores a constant added to a query's logits) is moved by its
+    rounding noise: up to `lr` per step in either direction, whatever the noise's size, and two
+    reduction orders may move it apart by up to 2 * lr * STEPS (seen: 1.0e-4 after 3 steps). Such
+    elements are held to that bound and to their small number; the norm of the whole update, which
+    they barely touch, is compared tightly."""
     before, expected = reference
     got = {k.replace("|", "/"): v for k, v in np.load(out_file).items()}
     assert sorted(got) == sorted(expected)
@@ -51,7 +59,9 @@ def _assert_params_match(out_file, reference):
     assert np.linalg.norm(delta_exp) > 0
     assert np.linalg.norm(delta_got - delta_exp) <= 3e-3 * np.linalg.norm(delta_exp)
     for path, value in expected.items():
-        np.testing.assert_allclose(got[path], value, rtol=1e-5, atol=1e-4, err_msg=path)
+        np.testing.assert_allclose(got[path], value, rtol=1e-5, atol=2 * LR * STEPS, err_msg=path)
+    loose = sum(int(np.sum(~np.isclose(got[p], v, rtol=1e-5, atol=1e-4))) for p, v in expected.items())
+    assert loose <= 1e-3 * delta_exp.size, f"{loose} of {delta_exp.size} elements differ by over 1e-4"
 
 
 def test_eight_devices_fsdp_and_model_axis(tmp_path, single_device_params):
