@@ -46,6 +46,10 @@ The pure array functions (`mask_probabilities`, `ensemble_class_probs`, `semanti
 CLIP and the invalid ones (no pixel above the mask threshold) are masked out, instead of the
 original's data-dependent subset.
 
+`Predictor(..., proposals="sam" | "both", sam=SamProposals(...))` classifies SAM's automatic masks
+instead of, or besides, the segmenter's proposals (`inference.sam_proposals`: the rules, and the
+original Space's SAM demo as demo mode with `granularity`).
+
 `Predictor(..., clip_top_k=k)` (off by default: the paper runs CLIP on every valid proposal) runs
 CLIP on the k valid proposals the segmenter ranks highest (`proposal_ranking`) only, gathered into a
 static `[k, ...]` batch and scattered back; for the other valid proposals CLIP abstains (a uniform
@@ -70,6 +74,7 @@ from ovseg_jax.models.maskformer import Segmenter, TEMPERATURE, normalize_images
 from ovseg_jax.utils.image_ops import resize_bilinear, window_interpolation_matrix
 
 MODES = ("semantic", "demo")
+PROPOSALS = ("maskformer", "sam", "both")  # where the masks CLIP classifies come from (inference.sam_proposals)
 UNLABELED = -1  # demo mode: no proposal covers the pixel
 OTHERS = "others"  # demo mode: the competitor of a single class name (reference 1.10)
 OUTPUT_BUCKET = 64  # final score maps are resized into outputs padded to a multiple of this
@@ -443,13 +448,20 @@ class Predictor:
         `filtered_clip_logits` for the others; semantic mode); None (default): on all, as the paper.
     class_bucket: the text bank is padded to a multiple of this many classes (`pad_classes`), so
         class lists of up to that length share one compilation; 1: no padding.
+    proposals: "maskformer" (the segmenter's, the paper), "sam" (SAM's automatic masks; the
+        segmenter is not used and may be None) or "both" (the union); see `inference.sam_proposals`.
+    sam: the SAM proposal source (`sam_proposals.SamProposals`) for proposals "sam" / "both"
+        (ignored by "maskformer": a predictor may carry it for a copy with other proposals).
+    granularity: demo mode with SAM proposals, the Space's option: each class keeps every mask
+        scoring above this fraction of its best (1: the best only).
     """
 
     def __init__(self, segmenter: Segmenter, clip: Clip, *, mask_threshold: float = 0.4,
                  ensemble_weight: float | None = 0.7, mask_prompts: bool = True,
                  templates: str | Sequence[str] = "vild", mode: str = "semantic",
                  resize: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS, crop: str = "masked",
-                 clip_top_k: int | None = None, class_bucket: int = CLASS_BUCKET):
+                 clip_top_k: int | None = None, class_bucket: int = CLASS_BUCKET, proposals: str = "maskformer",
+                 sam=None, granularity: float = 1.0):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} unknown; expected one of {MODES}")
         if crop not in CROPS:
@@ -473,6 +485,31 @@ class Predictor:
         if isinstance(class_bucket, bool) or not isinstance(class_bucket, (int, np.integer)) or class_bucket <= 0:
             raise ValueError(f"class_bucket must be a positive number of classes; got {class_bucket!r}")
         self.class_bucket = int(class_bucket)
+        self._check_proposals(proposals, sam, granularity)
+        # `proposal_source`, not `proposals`: that is the method giving the segmenter's proposals
+        self.proposal_source, self.sam, self.granularity = proposals, sam, float(granularity)
+
+    def _check_proposals(self, proposals: str, sam, granularity: float) -> None:
+        if proposals not in PROPOSALS:
+            raise ValueError(f"proposals {proposals!r} unknown; expected one of {PROPOSALS}")
+        if isinstance(granularity, bool) or not isinstance(granularity, (int, float)) or not 0 < granularity <= 1:
+            raise ValueError(f"granularity must lie in (0, 1] (1: each class keeps its best mask); got {granularity!r}")
+        if proposals == "maskformer":
+            if self.segmenter is None:
+                raise ValueError("the segmenter's proposals need a segmenter (proposals='sam' runs without one)")
+            if granularity != 1:
+                raise ValueError("granularity selects among SAM's masks: pass proposals='sam' or 'both'")
+            return
+        if sam is None:
+            raise ValueError(f"proposals={proposals!r} needs sam= (ovseg_jax.inference.sam_proposals.SamProposals)")
+        if self.ensemble_weight is None:
+            raise ValueError("SAM's masks are classified by CLIP: give an ensemble_weight (0: CLIP only)")
+        if self.clip_top_k is not None:
+            raise ValueError("clip_top_k ranks the segmenter's proposals: it is for proposals='maskformer'")
+        if granularity != 1 and self.mode != "demo":
+            raise ValueError("granularity is the demo mode's mask selection: pass mode='demo'")
+        if self.segmenter is None and proposals == "both":
+            raise ValueError("proposals='both' needs the segmenter")
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -553,6 +590,8 @@ class Predictor:
     def _batch_scores(self, batch: np.ndarray, sizes: np.ndarray, names: list[str], num_named: int) -> jax.Array:
         """-> `[B, Hp, Wp, Cp]` scores over the padded class list (`class_bucket`); columns from
         `len(names)` on are padding."""
+        if self.proposal_source != "maskformer":
+            return self.sam.batch_scores(self, batch, sizes, names, num_named)
         seg_graph, seg_state = nnx.split(self.segmenter)
         clip_graph, clip_state = nnx.split(self.clip.model)
         return _scores_jit(seg_graph, seg_state, clip_graph, clip_state, jnp.asarray(batch, jnp.float32),
