@@ -7,6 +7,7 @@
     python -m ovseg_jax.evaluate ... --mode clip --crop box --no-mask-prompts     # appendix A
     python -m ovseg_jax.evaluate ... --tta flip --tta-scales 0.75,1.0,1.25
     python -m ovseg_jax.evaluate ... --clip-top-k 25     # CLIP on the segmenter's 25 best proposals only
+    python -m ovseg_jax.evaluate ... --proposals sam --sam-checkpoint sam_vit_l_0b3195.pth   # SAM's masks (docs/sam.md)
 
 Metrics have the original evaluator's math (reference 5): one confusion matrix over the whole
 dataset (rows = prediction, columns = ground truth, ignored pixels excluded); IoU for classes with
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -49,10 +51,13 @@ import jax
 from ovseg_jax.data import registry
 from ovseg_jax.data.custom import parse_classes, split_name
 from ovseg_jax.evaluation.evaluator import TTA, parse_sweeps, parse_values
-from ovseg_jax.evaluation.protocol import DATASETS, MODES, dataset_spec, evaluate_benchmark, write_report
+from ovseg_jax.evaluation.protocol import (DATASETS, MODES, check_proposals, dataset_spec, evaluate_benchmark,
+                                           write_report)
 from ovseg_jax.evaluation.report import format_table
 from ovseg_jax.inference.inputs import parse_templates
+from ovseg_jax.inference.ensemble import PROPOSALS
 from ovseg_jax.inference.loading import load_predictor
+from ovseg_jax.inference.sam_proposals import SamProposals, not_released_reason, parse_sam_options
 from ovseg_jax.utils.cli import cli_logging, exit_on_error
 from ovseg_jax.utils.host_memory import keep_freed_memory
 
@@ -80,6 +85,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", choices=("masked", "box"), default="masked", help="appendix A: masked or plain box crops")
     p.add_argument("--clip-top-k", type=int, metavar="K", help="CLIP on the K valid proposals the segmenter ranks "
                    "highest only, the others classified by the segmenter (default: all, as the paper)")
+    p.add_argument("--proposals", choices=PROPOSALS, default="maskformer", help="masks CLIP classifies: the "
+                   "segmenter's (the paper), SAM's automatic masks, or both (docs/sam.md)")
+    p.add_argument("--sam-checkpoint", help="SAM weights for --proposals sam|both: sam_vit_{b,l,h}_*.pth or a "
+                   "transformers SamModel directory")
+    p.add_argument("--sam-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="an AutomaticMaskGenerator setting, e.g. points_per_side=16 (python -m ovseg_jax.amg's flags "
+                        "with '_'); repeatable")
+    p.add_argument("--sam-dtype", choices=("float32", "bfloat16"), default="float32", help="SAM's compute dtype")
     p.add_argument("--short", type=int, help="test short side (default per model: 640 Swin-B, 512 R101c)")
     p.add_argument("--max-size", type=int, help="test long-side cap (default 2560 Swin-B, 2048 R101c)")
     p.add_argument("--bucket", type=int, help="pad to multiples of this (one compilation per padded shape)")
@@ -122,6 +135,20 @@ def _check(args, sweeps: dict, tta: TTA) -> None:
         raise ValueError("--clip-top-k needs CLIP (mode ensemble or clip): the segmenter alone runs no crops")
     if args.mode == "segmenter" and "threshold" in sweeps:
         raise ValueError("--sweep threshold needs CLIP (mode ensemble or clip): the segmenter alone has no crops")
+    check_proposals(args.proposals, args.sam_checkpoint is not None, args.mode, sweeps, tta)
+
+
+def _load_sam(args) -> SamProposals | None:
+    """`--sam-checkpoint` with its `--sam-option`s, or None; a test model is announced as a smoke test."""
+    if args.proposals == "maskformer":
+        return None
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    sam = SamProposals.load(args.sam_checkpoint, dtype=getattr(jnp, args.sam_dtype),
+                            **parse_sam_options(args.sam_option))
+    if not_released_reason(sam.config):
+        print(f"warning: {not_released_reason(sam.config)}", file=sys.stderr)
+    return sam
 
 
 def run(argv: Sequence[str] | None = None, models: tuple | None = None) -> dict:
@@ -145,6 +172,7 @@ def run(argv: Sequence[str] | None = None, models: tuple | None = None) -> dict:
     tta = TTA(tuple(parse_values(args.tta_scales)), args.tta == "flip")
     _check(args, sweeps, tta)
     segmenter, clip = models or _load(args, root)
+    sam = _load_sam(args)
     report = evaluate_benchmark(
         segmenter, clip, spec, root, args.split, mode=args.mode, ensemble_weight=args.ensemble_weight,
         mask_threshold=args.mask_threshold, sweeps=sweeps,
@@ -153,12 +181,14 @@ def run(argv: Sequence[str] | None = None, models: tuple | None = None) -> dict:
         max_size=args.max_size, bucket=args.bucket, batch_size=args.batch_size, tta=tta,
         max_images=args.max_images, progress=not args.no_progress, num_workers=args.num_workers,
         seen_classes=None if args.seen_classes is None else _seen_classes(args.seen_classes),
-        labels={"dataset": args.dataset, "checkpoint": args.checkpoint})
+        labels={"dataset": args.dataset, "checkpoint": args.checkpoint}, proposals=args.proposals, sam=sam)
     if jax.process_index() == 0:
         name = split_name(args.dataset) if folder else args.dataset.replace(":", "_")
         out = Path(args.out or Path("outputs") / "evaluate" / f"{name}-{args.split}")
         metrics_path, chart = write_report(report, out)
         print(format_table(report))
+        if "smoke_test" in report:
+            print(f"\nSMOKE TEST: {report['smoke_test']}")
         print(f"\nwrote {metrics_path} and {chart}")
     return report
 

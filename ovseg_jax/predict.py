@@ -10,6 +10,12 @@ Modes (reference 1.7 / 1.10): "semantic" labels every pixel with the ensemble of
 CLIP's class probabilities (λ 0.7, mask threshold 0.4: the evaluation setting); "demo" is the
 original web demo (λ 0: CLIP only, threshold 0.35; for each class its best proposal; pixels no
 kept proposal covers are unlabeled; one class name competes against "others").
+
+SAM's automatic masks as proposals (`ovseg_jax.inference.sam_proposals`); the original Space's SAM demo:
+
+    python -m ovseg_jax.predict --checkpoint ovseg_swinbase_vitL14_ft_mpt.pth --tokenizer bpe_simple_vocab_16e6.txt.gz \
+        --proposals sam --sam-checkpoint sam_vit_l_0b3195.pth --mode demo --granularity 0.8 \
+        --classes "cat,sofa,wall" --input photos/ --output out/
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ovseg_jax.inference.ensemble import Predictor
+from ovseg_jax.inference.ensemble import PROPOSALS, Predictor
 from ovseg_jax.inference.files import format_summary, predict_files
 from ovseg_jax.inference.inputs import BUCKET, InputError, collect_inputs, parse_class_names, parse_templates
 from ovseg_jax.inference.loading import MODE_DEFAULTS, RESIZE, TOKENIZER_PLACES, load_predictor
+from ovseg_jax.inference.sam_proposals import not_released_reason, parse_sam_options
 from ovseg_jax.utils.compilation import default_cache_dir
 from ovseg_jax.utils.host_memory import keep_freed_memory
 
@@ -53,12 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble-weight", type=_weight, default=_UNSET,
                    help="λ: 0 = CLIP only, 'none' = segmenter only (default 0.7 semantic, 0.0 demo)")
     p.add_argument("--mask-threshold", type=float, default=None, help="default 0.4 semantic, 0.35 demo")
-    p.add_argument("--templates", default="vild",
-                   help="prompt templates: 'vild' (14), 'single', or your own with '{}', separated by ';'")
+    p.add_argument("--templates", default=None, help="prompt templates: 'vild' (14), 'single', or your own with "
+                   "'{}', separated by ';' (default vild; demo mode with SAM: the Space's 'a photo of {}')")
     p.add_argument("--no-mask-prompts", action="store_true", help="run CLIP without its mask prompts")
     p.add_argument("--clip-top-k", type=int, default=None, metavar="K",
                    help="CLIP on the K valid proposals the segmenter ranks highest only (default: all, as the paper)")
-    p.add_argument("--short", type=int, default=None, help="short side of the model input (default 640; R101c 512)")
+    p.add_argument("--proposals", choices=PROPOSALS, default="maskformer", help="masks CLIP classifies: the "
+                   "segmenter's (the paper), SAM's automatic masks, or both (docs/sam.md)")
+    p.add_argument("--sam-checkpoint", help="SAM weights for --proposals sam|both: sam_vit_{b,l,h}_*.pth or a "
+                   "transformers SamModel directory")
+    p.add_argument("--sam-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="an AutomaticMaskGenerator setting, e.g. points_per_side=16 (python -m ovseg_jax.amg's flags "
+                        "with '_'); repeatable")
+    p.add_argument("--sam-dtype", choices=("float32", "bfloat16"), default="float32", help="SAM's compute dtype")
+    p.add_argument("--granularity", type=float, default=1.0, help="demo mode with SAM proposals: each class keeps "
+                   "every mask scoring above this fraction of its best (default 1: the best only)")
+    p.add_argument("--short", type=int, default=None, help="short side of the model input (default 640; R101c 512; "
+                   "with --proposals sam the Space's long side 1280: short = max size = 1280)")
     p.add_argument("--max-size", type=int, default=None, help="long side cap (default 2560; R101c 2048)")
     p.add_argument("--bucket", type=int, default=BUCKET, help="pad sizes to multiples of this (compile buckets)")
     p.add_argument("--batch-size", type=int, default=4, help="images of one padded shape per device call")
@@ -89,23 +107,31 @@ def run(args) -> dict:
 
     _check_args(args)
     class_names = parse_class_names(args.classes, args.classes_file, args.classes_from)
-    try:
-        templates = parse_templates(args.templates)
-        resolve_templates(templates)
-    except ValueError as e:
-        raise InputError(f"--templates: {e}") from None
+    templates = None  # the mode's default
+    if args.templates is not None:
+        try:
+            templates = parse_templates(args.templates)
+            resolve_templates(templates)
+        except ValueError as e:
+            raise InputError(f"--templates: {e}") from None
     paths = collect_inputs(args.input)
     if args.compile_cache and args.compile_cache.lower() != "none":
         from ovseg_jax.utils.compilation import enable_cache  # noqa: PLC0415
 
         enable_cache(args.compile_cache, min_compile_seconds=0.0)  # model init compiles too
-    options = {"mode": args.mode, "mask_prompts": not args.no_mask_prompts, "templates": templates,
-               "clip_top_k": args.clip_top_k}
+    options = {"mode": args.mode, "mask_prompts": not args.no_mask_prompts, "clip_top_k": args.clip_top_k,
+               "proposals": args.proposals, "granularity": args.granularity, "sam_checkpoint": args.sam_checkpoint,
+               "sam_options": parse_sam_options(args.sam_option), "sam_dtype": args.sam_dtype}
+    if templates is not None:
+        options["templates"] = templates
     if args.mask_threshold is not None:
         options["mask_threshold"] = args.mask_threshold
     if args.ensemble_weight is not _UNSET:
         options["ensemble_weight"] = args.ensemble_weight
     predictor = _load(args.checkpoint, args.tokenizer, options)
+    smoke_test = predictor.proposal_source != "maskformer" and not_released_reason(predictor.sam.config)
+    if smoke_test:
+        print(f"warning: {smoke_test}", file=sys.stderr)
     short, max_size = predictor.resize or RESIZE["swin"]
     short, max_size = args.short or short, args.max_size or max_size
     summary = predict_files(predictor, paths, class_names, Path(args.output), short=short, max_size=max_size,

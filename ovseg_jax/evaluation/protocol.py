@@ -6,6 +6,11 @@ Settings: the ensemble weight λ comes from the dataset (0.7 A-150/A-847, 0.6 PC
 PAS-20), the mask threshold and test size from the segmenter's backbone (Swin-B: 0.4, short side
 640 / long side 2560; R101c: 0.5, 512 / 2048). Modes as the appendix's Table 1: "ensemble",
 "segmenter" (MaskFormer only), "clip" (CLIP only, λ = 0).
+
+With SAM's automatic masks as proposals (`proposals="sam"` / `"both"`, `inference.sam_proposals`)
+λ defaults to 0 for "sam" (CLIP only; SAM has no class scores) and to the dataset's for "both"; the
+test size stays the benchmark's. A SAM that is not a released architecture (a test model) makes
+the report a smoke test, and the report says so (`smoke_test`).
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from ovseg_jax.evaluation.evaluator import TTA, evaluate, grid
 from ovseg_jax.evaluation.metrics import segmentation_metrics
 from ovseg_jax.evaluation.report import draw_iou_chart, finite, format_table
 from ovseg_jax.evaluation.seen import seen_rule, unseen_classes
-from ovseg_jax.inference.ensemble import Predictor
+from ovseg_jax.inference.ensemble import PROPOSALS, Predictor
 from ovseg_jax.inference.inputs import BUCKET
 from ovseg_jax.inference.loading import RESIZE
+from ovseg_jax.inference.sam_proposals import not_released_reason
 
 DATASETS = {"ade150": "ade20k_150", "ade847": "ade20k_847", "pc59": "pascal_context_59", "pc459": "pascal_context_459",
             "voc20": "pascal_voc_20", "synthetic": "synthetic"}
@@ -41,6 +47,23 @@ def dataset_spec(name: str) -> registry.DatasetSpec:
     except KeyError:
         raise ValueError(f"--dataset {name!r} unknown; expected one of {', '.join(DATASETS)}, "
                          f"a registry name ({', '.join(registry.names())}) or a dataset folder") from None
+
+
+def check_proposals(proposals: str, has_sam: bool, mode: str, sweeps: dict, tta: TTA) -> None:
+    """ValueError for settings SAM proposals cannot run: without a SAM, segmenter only, sweeps or
+    TTA (those recombine the segmenter's proposals, `evaluator.batch_labels`)."""
+    if proposals not in PROPOSALS:
+        raise ValueError(f"proposals must be one of {', '.join(PROPOSALS)}; got {proposals!r}")
+    if proposals == "maskformer":
+        return
+    if not has_sam:
+        raise ValueError(f"--proposals {proposals} needs --sam-checkpoint (sam_vit_{{b,l,h}}_*.pth or a transformers "
+                         "SamModel directory)")
+    if mode == "segmenter":
+        raise ValueError(f"--proposals {proposals}: SAM's masks are classified by CLIP; use --mode ensemble or clip")
+    if sweeps or tta.enabled:
+        raise ValueError(f"--proposals {proposals} evaluates one setting without TTA (--sweep and --tta recombine "
+                         "the segmenter's proposals)")
 
 
 def model_defaults(backbone: str, dataset: str) -> dict:
@@ -65,17 +88,20 @@ def evaluate_benchmark(segmenter, clip, spec: registry.DatasetSpec, root: str | 
                        clip_top_k: int | None = None, short: int | None = None, max_size: int | None = None,
                        bucket: int | None = None, batch_size: int = 1, tta: TTA = TTA(),
                        max_images: int | None = None, progress: bool = True, num_workers: int = 0,
-                       seen_classes: Sequence[str] | None = None, labels: dict | None = None) -> dict:
+                       seen_classes: Sequence[str] | None = None, labels: dict | None = None,
+                       proposals: str = "maskformer", sam=None) -> dict:
     """Evaluate a (Segmenter, Clip) pair on `spec`'s `split` under the protocol -> the report
     (`metrics.json`'s content: the best setting's metrics, `setting`, `unseen`, and `sweep` for a grid).
 
     Unset options take the protocol's values (`model_defaults`, the dataset's λ); `mode` "segmenter"
     sets λ to None, "clip" to 0; `sweeps` {"lambda": [...], "threshold": [...]} evaluates their grid.
     `seen_classes`: the classes the models were trained on (default: `seen.unseen_classes`'s rule);
+    `proposals`, `sam`: SAM's automatic masks as proposals (`Predictor`'s options; see the module docstring);
     `labels`: extra fields for the report (e.g. the dataset name as typed, the checkpoint)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     sweeps = sweeps or {}
+    check_proposals(proposals, sam is not None, mode, sweeps, tta)
     source = spec.make_source(root, split)
     names = list(source.class_names)
     if seen_classes is None:
@@ -88,7 +114,7 @@ def evaluate_benchmark(segmenter, clip, spec: registry.DatasetSpec, root: str | 
     backbone = segmenter.config.backbone
     defaults = model_defaults(backbone, spec.name)
     threshold = defaults["mask_threshold"] if mask_threshold is None else mask_threshold
-    weight = spec.ensemble_weight if ensemble_weight is None else ensemble_weight
+    weight = (0.0 if proposals == "sam" else spec.ensemble_weight) if ensemble_weight is None else ensemble_weight
     weight = {"segmenter": None, "clip": 0.0}.get(mode, weight)
     settings = grid(sweeps.get("lambda", [weight]), sweeps.get("threshold", [threshold]))
     short, max_size = short or defaults["short"], max_size or defaults["max_size"]
@@ -96,7 +122,7 @@ def evaluate_benchmark(segmenter, clip, spec: registry.DatasetSpec, root: str | 
     templates = defaults["templates"] if templates is None else templates
     predictor = Predictor(segmenter, clip, mask_threshold=settings[0].mask_threshold,
                           ensemble_weight=settings[0].ensemble_weight, mask_prompts=mask_prompts,
-                          templates=templates, crop=crop, clip_top_k=clip_top_k)
+                          templates=templates, crop=crop, clip_top_k=clip_top_k, proposals=proposals, sam=sam)
     result = evaluate(predictor, source, settings, ignore_value=spec.ignore_value, short=short, max_size=max_size,
                       bucket=bucket, batch_size=batch_size, tta=tta, max_images=max_images,
                       progress=progress and jax.process_index() == 0, num_workers=num_workers)
@@ -110,12 +136,15 @@ def evaluate_benchmark(segmenter, clip, spec: registry.DatasetSpec, root: str | 
                     "templates": templates, "crop": crop, "mask_prompts": predictor.mask_prompts,
                     "clip_top_k": clip_top_k, "backbone": backbone, "short": short, "max_size": max_size,
                     "bucket": bucket, "batch_size": batch_size, "processes": jax.process_count(),
-                    "devices": len(jax.devices()), "tta": {"scales": list(tta.scales), "flip": tta.flip}},
+                    "devices": len(jax.devices()), "tta": {"scales": list(tta.scales), "flip": tta.flip},
+                    "proposals": proposals},
         **metrics[best],
         "unseen": unseen,
         "seen_rule": rule,
     }
     report.setdefault("dataset", spec.name)
+    if proposals != "maskformer" and not_released_reason(sam.config):
+        report["smoke_test"] = not_released_reason(sam.config)
     if len(settings) > 1:
         summary = ("mIoU", "mIoU_seen", "mIoU_unseen", "fwIoU", "mACC", "pACC")
         cells = [{"ensemble_weight": s.ensemble_weight, "mask_threshold": s.mask_threshold,
@@ -138,5 +167,5 @@ def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:
     return out / "metrics.json", chart
 
 
-__all__ = ["DATASETS", "MASK_THRESHOLD", "MODES", "dataset_spec", "model_defaults", "evaluate_benchmark",
-           "write_report", "format_table"]
+__all__ = ["DATASETS", "MASK_THRESHOLD", "MODES", "dataset_spec", "check_proposals", "model_defaults",
+           "evaluate_benchmark", "write_report", "format_table"]
