@@ -34,8 +34,10 @@ test-fast: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir build/site
 
+# Short versions of every ovseg_jax-vs-torch bench (<= 10 min on 2 quiet cores), then one Markdown
+# table (command, commit, machine and load, torch threads) for docs/performance.md's make-bench section.
 bench: $(STAMP)
-	$(PY) bench/clip_encode.py
+	$(PY) bench/make_bench.py
 
 clean:
 	rm -rf outputs .pytest_cache

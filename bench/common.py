@@ -4,7 +4,12 @@ smooth test images, the original adapter's per-mask crop loop)."""
 
 from __future__ import annotations
 
+import datetime
+import os
+import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +24,53 @@ from ovseg_jax.utils.host_memory import keep_freed_memory  # noqa: E402
 
 # As the command-line tools do: XLA:CPU steps reuse their buffers instead of page-faulting them afresh.
 keep_freed_memory()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def commit() -> str:
+    """`git rev-parse --short HEAD` of the repository, with `+dirty` when tracked files differ from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def machine() -> str:
+    """CPU model and the cores this process may run on, e.g. "AMD EPYC, 2 cores (AVX512-BF16)"."""
+    model = platform.processor() or platform.machine()
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = " (AVX512-BF16)" if " avx512_bf16" in info else ""
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model}, {cores} cores{flags}"
+
+
+def environment() -> dict[str, str]:
+    """What a figure needs next to it: the command, the commit, the machine, torch's thread count
+    (when torch is loaded), the versions, XLA_FLAGS, the load average and the date."""
+    env = {"command": "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+           "commit": commit(), "machine": machine(), "jax": jax.__version__,
+           "date": datetime.date.today().isoformat()}
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        env["torch"] = f"{torch.__version__}, {torch.get_num_threads()} threads"
+    env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
+    if hasattr(os, "getloadavg"):
+        env["load average"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    return env
+
+
+def environment_lines() -> list[str]:
+    """`environment()` as lines to print above a bench's table."""
+    return [f"{key}: {value}" for key, value in environment().items() if value != ""]
 
 
 def timed(fn: Callable, iters: int) -> tuple[float, float]:
@@ -40,29 +92,52 @@ def seconds(fn: Callable) -> float:
 
 
 def interleaved(fns: dict[str, Callable], rounds: int, log: Callable[[str], None] | None = None,
-                warmup: int = 0) -> dict[str, tuple[float, float, float]]:
+                warmup: int = 0, cpu: dict[str, float] | None = None,
+                alternate: bool = False) -> dict[str, tuple[float, float, float]]:
     """Each function's first call (compiling), then `warmup` untimed rounds, then `rounds` rounds
     calling every function once in turn, so that the implementations share the machine's load alike
     -> {name: (first-call s, of which tracing + compiling s, median s of the rounds)}. With `rounds=0`
     the "median" is the first call less its compile time (for runs too slow to repeat). `log` gets a
-    line per finished call."""
+    line per finished call. `cpu`: filled with {name: median process CPU seconds per call} (all
+    threads; a loaded machine stretches wall time far more than CPU time). `alternate`: every other
+    round calls the functions in reverse order (on a shared machine the order within a round moved
+    the figures)."""
     from ovseg_jax.utils.compilation import CompileTimer
 
-    first, times = {}, {name: [] for name in fns}
+    first, times, cpu_times = {}, {name: [] for name in fns}, {name: [] for name in fns}
     for name, fn in fns.items():
         with CompileTimer() as compiling:
             first[name] = (seconds(fn), compiling.seconds)
         if log:
             log(f"  {name}: first call {first[name][0]:.2f} s (compiling {first[name][1]:.2f} s)")
     for r in range(warmup + rounds):
-        for name, fn in fns.items():
+        order = list(fns.items())[::-1] if alternate and r % 2 else fns.items()
+        for name, fn in order:
+            cpu0 = time.process_time()
             took = seconds(fn)
             if r >= warmup:
                 times[name].append(took)
+                cpu_times[name].append(time.process_time() - cpu0)
             if log:
                 log(f"  {name}: {'warm-up' if r < warmup else 'round'} {r + 1 - warmup * (r >= warmup)} {took:.3f} s")
+    if cpu is not None:
+        cpu.update({name: statistics.median(c) for name, c in cpu_times.items() if c})
     return {name: (*first[name], statistics.median(times[name]) if times[name] else first[name][0] - first[name][1])
             for name in fns}
+
+
+def record(path: str | os.PathLike | None, what: str, ours: str, reference: str, ratio: float | None,
+           **extra) -> None:
+    """Append one comparison (what was measured, our figure, the reference's figure, ours / theirs)
+    with `environment()` as a JSON line to `path` (`make bench` collects them into its table);
+    nothing when `path` is None."""
+    if path is None:
+        return
+    import json
+
+    row = {"what": what, "ours": ours, "reference": reference, "ratio": ratio, **environment(), **extra}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def print_rate_table(rows: list[tuple[str, str, float, float]], unit: str, reference: float | None) -> None:

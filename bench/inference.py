@@ -44,7 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import interleaved, smooth_image, torch_clip, torch_maskformer, torch_masks, torch_region_logits
+from common import (environment_lines, interleaved, record, smooth_image, torch_clip, torch_maskformer, torch_masks,
+                    torch_region_logits)
 
 SWIN_B = dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12)
 DECODER = dict(d_model=256, decoder_layers=6, decoder_ffn_dim=2048, decoder_attention_heads=8, num_queries=100)
@@ -76,8 +77,9 @@ def ints(text: str) -> list[int]:
 # Timing on random weights
 
 
-def build(preset: dict, names: list[str], directory: Path, dtypes: list[str]):
-    """-> (torch segmenter or None, torch CLIP, {dtype: Predictor}); every dtype has the same weights."""
+def build(preset: dict, names: list[str], directory: Path, dtypes: list[str], queries: int | None = None):
+    """-> (torch segmenter or None, torch CLIP, {dtype: Predictor}); every dtype has the same weights.
+    `queries`: the segmenter's number of queries (proposals) instead of the preset's."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -93,11 +95,13 @@ def build(preset: dict, names: list[str], directory: Path, dtypes: list[str]):
     clip_dim = preset["clip"]["embed_dim"]
     t_seg = None
     if preset["segmenter"] == "swin":
-        t_seg = torch_maskformer(preset["swin"], preset["decoder"], preset["fpn"], len(names), directory / "segmenter")
+        decoder = preset["decoder"] | ({"num_queries": queries} if queries else {})
+        t_seg = torch_maskformer(preset["swin"], decoder, preset["fpn"], len(names), directory / "segmenter")
         make = lambda dtype: oseg.load(directory / "segmenter", clip_dim=clip_dim, dtype=dtype)  # noqa: E731
     else:
-        make = lambda dtype: Segmenter(SegmenterConfig.r101c(clip_dim=clip_dim), dtype=dtype,  # noqa: E731
-                                       rngs=nnx.Rngs(0))
+        config = SegmenterConfig.r101c(clip_dim=clip_dim)
+        config = config.replace(num_queries=queries) if queries else config
+        make = lambda dtype: Segmenter(config, dtype=dtype, rngs=nnx.Rngs(0))  # noqa: E731
     reference = make(jnp.float32)
     predictors = {}
     for dtype in dtypes:
@@ -125,7 +129,7 @@ def time_preset(args) -> None:
     batches = {b: np.stack([image] + [smooth_image(size, size, rs) for _ in range(b - 1)]) for b in args.batches}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        t_seg, t_clip, predictors = build(preset, names, Path(tmp), args.dtypes)
+        t_seg, t_clip, predictors = build(preset, names, Path(tmp), args.dtypes, args.queries)
         log(f"built and loaded the models in {time.perf_counter() - t0:.1f} s")
     base = predictors[args.dtypes[0]]
     with CompileTimer() as compiling:
@@ -187,12 +191,37 @@ def time_preset(args) -> None:
             agreement[dtype] = float(np.abs(np.asarray(got)[valid.numpy(), :-1] - want.numpy()).max())
 
     device = jax.devices()[0]
+    print("\n".join(environment_lines()))
     print(f"\nInference time split, preset {args.preset} ({size}x{size} image, {num_queries} proposals, "
           f"{len(names)} classes, threshold {threshold}) on {device.platform} ({device.device_kind}), "
           f"torch threads {torch.get_num_threads()}, {args.rounds} round(s), machine shared with other jobs")
     print_split_table(results, args.rounds)
+    record_comparisons(args, results, num_queries, size)
     for dtype, diff in agreement.items():
         print(f"CLIP logits, ovseg_jax {dtype} vs torch loop (valid crops): max |difference| {diff:.2e}")
+
+
+def record_comparisons(args, results: dict, num_queries: int, size: int) -> None:
+    """`--record`: CLIP on the crops vs the original's loop, the segmenter vs transformers, and
+    `predict_batch` end to end vs the original's per-image inference (segmenter + loop), per dtype."""
+    torch_s = {part: s for (part, impl, _), (_, _, s) in results.items() if impl.startswith("torch")}
+    what = f"preset {args.preset}, {size}x{size}, {num_queries} proposals"
+    for (part, impl, dtype), (_, _, median) in results.items():
+        if impl.startswith("torch"):
+            continue
+        if part == "segmenter" and part in torch_s:
+            record(args.record, f"segmenter `Predictor.proposals`, {what}, {dtype}", f"{median:.2f} s/image",
+                   f"transformers MaskFormer {torch_s[part]:.2f} s/image", torch_s[part] / median, unit="s/image")
+        elif part == "CLIP crops" and impl.startswith("ovseg_jax, all") and part in torch_s:
+            record(args.record, f"CLIP on the masked crops `Predictor.classify_crops`, {what}, {dtype}",
+                   f"{median:.2f} s/image", f"the original's crop loop in torch {torch_s[part]:.2f} s/image",
+                   torch_s[part] / median, unit="s/image")
+        elif part.startswith("batch") and len(torch_s) == 2:
+            whole = sum(torch_s.values())
+            rate = int(part.split()[1]) / median
+            record(args.record, f"`Predictor.predict_batch` end to end, {what}, batch {part.split()[1]}, {dtype}",
+                   f"{rate:.3f} images/s", f"the original's inference in torch {1 / whole:.3f} images/s",
+                   rate * whole, unit="images/s")
 
 
 def print_split_table(results: dict, rounds: int) -> None:
@@ -355,6 +384,9 @@ def main() -> None:
     parser.add_argument("--top-k", type=ints, default=[], help="CLIP top-k values to time (or, with --crop-stats, "
                         "to evaluate)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after the first (compiling) call")
+    parser.add_argument("--queries", type=int, help="the segmenter's number of queries (proposals) instead of the "
+                        "preset's (a shorter run: CLIP's time is linear in it)")
+    parser.add_argument("--record", help="append the comparisons as JSON lines here (make bench)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--crop-stats", action="store_true", help="statistics and top-k mIoU of --checkpoint on the "
                         "synthetic world --root instead of timing a preset")

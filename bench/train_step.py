@@ -34,7 +34,7 @@ from ovseg_jax import configs
 from ovseg_jax.models.clip import ClipConfig
 from ovseg_jax.training.trainer import Trainer
 
-from common import interleaved  # bench/common.py
+from common import environment_lines, interleaved, record  # bench/common.py
 
 # Dense bf16 peak TFLOP/s per device, by `device_kind` prefix (first match wins: specific kinds first).
 PEAK_TFLOPS = {"NVIDIA H100 PCIe": 756.0, "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0,
@@ -211,6 +211,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5,
                         help="untimed rounds before the timed ones (in each order)")
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers reference")
+    parser.add_argument("--record", help="append the comparison as a JSON line here (make bench)")
     args = parser.parse_args()
 
     device = jax.devices()[0]
@@ -239,6 +240,7 @@ def main() -> None:
             reverse = interleaved(dict(reversed(steps.items())), args.iters // 2, warmup=args.warmup)
             times = {k: (times[k][0], times[k][1], (times[k][2] + reverse[k][2]) / 2) for k in times}
     peak = peak_tflops(device)
+    print("\n".join(environment_lines()))
     print(f"\n{what}, batch {args.batch}, {args.dtype}, {jax.device_count()} x {device.device_kind}; "
           f"{flops / 1e9:.1f} GFLOP/step per device (XLA); {args.iters} interleaved rounds")
     print(f"{'implementation':24s} {'first step s':>12s} {'steps/s':>9s} {'examples/s':>11s} "
@@ -251,6 +253,9 @@ def main() -> None:
     if len(times) == 2:
         (_, _, ours), (_, _, theirs) = times.values()
         print(f"ovseg_jax / torch steps/s ratio: {theirs / ours:.2f}")
+        reference = "torch autocast bfloat16" if args.dtype == "bfloat16" else "transformers float32"
+        record(args.record, f"{what}, batch {args.batch}, {args.dtype}", f"{1 / ours:.3f} steps/s",
+               f"{reference} {1 / theirs:.3f} steps/s", theirs / ours, unit="steps/s", rounds=args.iters)
     if peak:
         print(f"MFU: of the device's dense bf16 peak, {peak:.0f} TFLOP/s")
 
