@@ -176,6 +176,7 @@ def _changed(before, after):
     return {p for p in before if not np.array_equal(before[p], after[p])}
 
 
+@pytest.mark.slow  # one training step of every distinct stage (one_step)
 def test_each_stage_of_each_plan_runs_and_changes_what_it_trains(one_step):
     kinds = {stage.kind for stage, *_ in one_step.values()}
     assert kinds == {"ft", "mpt", "ft_prompts", "joint", "vpt"}
@@ -194,6 +195,7 @@ def test_each_stage_of_each_plan_runs_and_changes_what_it_trains(one_step):
         assert (VPT in before) == (stage.kind == "vpt"), name
 
 
+@pytest.mark.slow  # one training step of every distinct stage (one_step)
 def test_joint_tuning_gives_the_prompts_mpt_lr_and_no_decay_and_the_tower_ft_lr(one_step):
     (_, trainer, before, after), = [v for v in one_step.values() if v[0].kind == "joint"]
     groups = optim.param_groups(before, trainer.config.optim)

@@ -38,6 +38,7 @@ def run_program(keep: bool, runs: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a program run 3 and 12 times in two fresh processes
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
 def test_a_repeated_run_reuses_its_buffers_instead_of_faulting_them_afresh():
     default, kept = run_program(keep=False, runs=3), run_program(keep=True, runs=12)

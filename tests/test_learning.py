@@ -25,6 +25,8 @@ from ovseg_jax.losses.mask_losses import LossWeights
 from ovseg_jax.models.maskformer import Segmenter, normalize_images
 from ovseg_jax.training.tasks import segmenter as segmenter_task
 
+pytestmark = pytest.mark.slow  # each test trains for 300 steps (make test-fast leaves them out)
+
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "synthetic.py"
 
 

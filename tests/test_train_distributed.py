@@ -16,6 +16,8 @@ import pytest
 from ovseg_jax.training.trainer import Trainer
 from tests.train_helpers import PairBatches, tiny_config
 
+pytestmark = pytest.mark.slow  # training in subprocesses (make test-fast leaves them out)
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 LR = tiny_config("ft").optim.lr  # the peak learning rate of every run here

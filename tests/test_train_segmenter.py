@@ -52,6 +52,7 @@ def trained(clip_dir):
     return trainer, before, jax.device_get(trainer.state)
 
 
+@pytest.mark.slow  # trains a Swin segmenter for 3 steps (trained)
 def test_weight_decay_and_lr_tables_follow_detectron2(trained):
     trainer, _, _ = trained
     groups = optim.param_groups(trainer.trainable, trainer.config.optim)
@@ -69,6 +70,7 @@ def test_weight_decay_and_lr_tables_follow_detectron2(trained):
     assert backbone == {p for p in groups if p.startswith("segmenter/backbone/")}
 
 
+@pytest.mark.slow  # trains a Swin segmenter for 3 steps (trained)
 def test_text_bank_is_the_frozen_clip_template_ensemble(trained, clip_dir):
     import ovseg_jax.clip as oclip
 
@@ -79,6 +81,7 @@ def test_text_bank_is_the_frozen_clip_template_ensemble(trained, clip_dir):
     np.testing.assert_array_equal(before["model_state"]["text_bank"], bank)
 
 
+@pytest.mark.slow  # trains a Swin segmenter for 3 steps (trained)
 def test_steps_update_every_trained_tensor(trained):
     trainer, before, after = trained
     assert int(after["step"]) == 3
