@@ -1,13 +1,9 @@
 """Stacks of blocks run as a scan and with rematerialisation (`ovseg_jax.models.layers.set_stack_options`):
 same outputs and gradients as the loop (and as the independent torch references), same parameter
-paths and checkpoints, config fields checked, the trainer CLI's compilation cache on by default."""
+paths and checkpoints, config fields checked. (`--config.scan_layers` / `--config.remat` through
+`python -m ovseg_jax.train`: tests/test_train_cli.py.)"""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,14 +19,13 @@ from ovseg_jax.models.clip import CLIP
 from ovseg_jax.models.layers import run_layers, set_stack_options
 from ovseg_jax.models.swin import SwinConfig, SwinTransformer
 from ovseg_jax.models.transformer_decoder import TransformerDecoder
-from ovseg_jax.training.checkpoint import load_config, load_params
+from ovseg_jax.training.checkpoint import load_params
 from ovseg_jax.training.trainer import Trainer
 from tests.test_ablate import torch_vpt_features
 from tests.test_clip import make_reference, reference_image_features, region_masks
 from tests.torch_clip_reference import OpenAIClip
 from tests.train_helpers import TINY_CLIP, PairBatches, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 SAME = 1e-5  # scan / remat vs the loop, float32
 TOL = 1e-4  # vs the torch references (as tests/test_clip.py)
 
@@ -93,6 +88,7 @@ def test_clip_scan_keeps_deep_visual_prompts(tmp_path):
     np.testing.assert_allclose(unit, torch_vpt_features(ref, images, prompts, masks), atol=TOL)
 
 
+@pytest.mark.slow  # forward and backward of three variants
 def test_clip_gradients_are_the_same_with_scan_and_remat():
     model = CLIP(TINY_CLIP.replace(vision_layers=3, text_layers=2, mask_prompt_depth=2), rngs=nnx.Rngs(0))
     batch = PairBatches(4).global_batch_at(0)
@@ -142,6 +138,7 @@ def test_swin_scan_matches_transformers_with_an_odd_stage_depth():
         np.testing.assert_allclose(scanned[key], ref_out, atol=TOL, err_msg=key)
 
 
+@pytest.mark.slow  # forward and backward of three variants
 def test_swin_training_forward_and_gradients_are_the_same_with_scan_and_remat():
     """Drop path on (rates differ per block, odd stage depth): with the same PRNG key every block
     draws the same keys in the loop and in the scan."""
@@ -161,6 +158,7 @@ def test_swin_training_forward_and_gradients_are_the_same_with_scan_and_remat():
     assert_same_grads(grads, expected, "swin scan, remat block")
 
 
+@pytest.mark.slow  # forward and backward of three variants
 def test_decoder_training_forward_and_gradients_are_the_same_with_scan_and_remat():
     """Dropout on: each layer's key is a scanned input, the same as the loop's."""
     decoder = TransformerDecoder(8, dim=32, num_queries=5, heads=4, ffn_dim=64, num_layers=3, dropout=0.1,
@@ -225,29 +223,3 @@ def test_checkpoints_do_not_depend_on_scan(tmp_path):
     loaded = nnx_to_torch(oclip.load(tmp_path / "scan").model)
     assert loaded.keys() == nnx_to_torch(CLIP(TINY_CLIP.replace(mask_prompt_depth=2), rngs=nnx.Rngs(0))).keys()
     np.testing.assert_array_equal(loaded["visual.mask_embedding"], saved_scan["visual/mask_embedding"])
-
-
-CLI_CONFIG = '''
-import ml_collections
-from tests.train_helpers import tiny_config
-
-
-def get_config():
-    c = tiny_config("ft", total_steps=2, batch_size=4)
-    c.data = ml_collections.ConfigDict({"kind": "python", "factory": "tests.train_helpers:pair_batches"})
-    return c
-'''
-
-
-def test_cli_compiles_into_the_persistent_cache_by_default(tmp_path):
-    (tmp_path / "tiny.py").write_text(CLI_CONFIG)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
-    proc = subprocess.run([sys.executable, "-m", "ovseg_jax.train", f"--config={tmp_path / 'tiny.py'}",
-                           f"--workdir={tmp_path / 'run'}", "--config.scan_layers=true", "--config.remat=dots"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cache = tmp_path / "xdg" / "ovseg_jax" / "jax_cache"
-    assert f"compilation cache: {cache}" in proc.stderr
-    assert any(cache.iterdir())  # at least the train step (compiles > 0.5 s) was stored
-    saved = load_config(tmp_path / "run")
-    assert saved["scan_layers"] is True and saved["remat"] == "dots"

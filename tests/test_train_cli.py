@@ -1,5 +1,5 @@
 """`python -m ovseg_jax.train`: config files with variants and overrides, stage hand-off, TensorBoard
-logs, and real configs failing early on missing inputs."""
+logs, the persistent compilation cache on by default, and real configs failing early on missing inputs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ovseg_jax.training.checkpoint import Checkpointer, load_params
+from ovseg_jax.training.checkpoint import Checkpointer, load_config, load_params
 from ovseg_jax.training.trainer import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,23 +36,34 @@ def get_config(arg="ft"):
 '''
 
 
+@pytest.mark.slow
 def test_cli_runs_stages_with_overrides_and_hands_off(tmp_path):
+    """One run of the command (a process of its own) checks what the command adds to `run`: the
+    config file with a variant, overrides of both stages (stage ft scanned and rematerialised, as
+    `--config.scan_layers` / `--config.remat` on a recipe), the hand-off to stage mpt, clu's
+    progress lines, TensorBoard logs, and JAX's compilation cache in its default place."""
     config_file = tmp_path / "tiny.py"
     config_file.write_text(CONFIG)
     workdir = tmp_path / "run"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
     proc = subprocess.run([sys.executable, "-m", "ovseg_jax.train", f"--config={config_file}:ft+mpt",
                            f"--workdir={workdir}", "--config.ft.checkpoint.interval=2",
-                           "--config.mpt.total_steps=3"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+                           "--config.mpt.total_steps=3", "--config.ft.scan_layers=true", "--config.ft.remat=dots"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "steps_per_sec" in proc.stderr and "ETA:" in proc.stderr  # clu's ReportProgress
+    cache = tmp_path / "xdg" / "ovseg_jax" / "jax_cache"  # compilation.default_cache_dir()
+    assert f"compilation cache: {cache}" in proc.stderr
+    assert any(cache.iterdir())  # at least the train steps (compiled in > 0.5 s) were stored
     assert Checkpointer(workdir / "ft" / "checkpoints").latest_step() == 4
     assert sorted(p.name for p in (workdir / "ft" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     assert Checkpointer(workdir / "mpt" / "checkpoints").latest_step() == 3  # the override
+    saved = load_config(workdir / "ft")
+    assert saved["scan_layers"] is True and saved["remat"] == "dots"
+    assert load_config(workdir / "mpt")["scan_layers"] is False  # an override of one stage only
     assert list((workdir / "ft" / "tensorboard").glob("events.out.tfevents.*"))
     ft, mpt = load_params(workdir / "ft"), load_params(workdir / "mpt")
-    assert sorted(mpt) == sorted([*ft, "visual/mask_embedding"])
+    assert sorted(mpt) == sorted([*ft, "visual/mask_embedding"])  # scanned: the loop's parameter paths
     for path, value in ft.items():  # initialised from stage ft, then only the prompts train
         np.testing.assert_array_equal(mpt[path], value, err_msg=path)
 
