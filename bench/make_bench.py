@@ -67,6 +67,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def load_note(rows: list[dict]) -> str:
+    """A sentence under the table when some row was measured on a busy machine, else ""."""
+    loads = [float(r["load average"].split()[0]) for r in rows if r.get("load average")]
+    if not loads or max(loads) <= 1.0:
+        return ""
+    return (f"\nMeasured while other jobs shared the machine (load average up to {max(loads):.1f}, machine "
+            "column): torch's threads lose more than XLA's on a busy machine, so these ratios favour ovseg_jax; "
+            "re-measure on a quiet machine.")
+
+
 def write_docs(path: Path, markdown: str) -> None:
     """Replace what lies between the `<!-- make-bench: begin ...-->` and `<!-- make-bench: end -->`
     lines of `path` with `markdown`."""
@@ -103,9 +113,10 @@ def main() -> None:
             if done.returncode:
                 failed.append(name)
         rows = [json.loads(line) for line in records.read_text().splitlines()] if records.exists() else []
-    print("\n" + table(rows))
+    markdown = table(rows) + load_note(rows)
+    print("\n" + markdown)
     if args.docs and rows:
-        write_docs(args.docs, table(rows))
+        write_docs(args.docs, markdown)
     print("\nwall seconds per run: " + ", ".join(f"{n} {s:.0f}" for n, s in took.items())
           + f"; total {time.perf_counter() - start:.0f} s")
     if failed:
