@@ -21,14 +21,18 @@ demo: $(STAMP)
 	$(PY) -m ovseg_jax.demo --out outputs/demo
 
 # Test files are spread over TEST_WORKERS processes (a file's tests stay in one, so its
-# module-scoped fixtures are built once); `make test TEST_WORKERS=0` runs them in this process.
+# module-scoped fixtures are built once), in the order tests/conftest.py gives them (the longest
+# files first; --no-loadscope-reorder keeps xdist from sorting them by test count);
+# `make test TEST_WORKERS=0` runs them in this process. The 20 slowest tests are listed at the end.
 TEST_WORKERS ?= 2
+TEST_SPREAD := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q $(TEST_SPREAD) --durations=20 tests
 
-# The edit loop: everything but the tests marked slow (multi-process training, the demo's runs).
+# The edit loop: everything but the tests marked slow (multi-process training, the demo's runs,
+# the recipes' training runs).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
+	$(PY) -m pytest -q $(TEST_SPREAD) -m "not slow" tests
 
 # The documentation site into build/site; --strict fails on a broken link or a missing API object.
 docs: $(STAMP)

@@ -265,8 +265,11 @@ def test_loss_on_batch_sharded_arrays_and_in_shard_map():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
+    # The session's XLA_FLAGS kept (tests/conftest.py); the scheduler flag as in the other simulated
+    # multi-device runs (its collectives can deadlock when programs come from the compilation cache).
+    flags = "--xla_force_host_platform_device_count=4 --xla_cpu_enable_concurrency_optimized_scheduler=false"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}"}
     result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=root, env=env, capture_output=True,
                             text=True, timeout=170)
     assert result.returncode == 0, result.stderr[-3000:]
