@@ -121,8 +121,9 @@ def served(demo_files):
 
     checkpoint, tokenizer, _ = demo_files
     loaded = load_predictor(checkpoint, tokenizer, templates=["a {}"])  # the demo's template
+    stand_in = None if os.environ.get("OVSEG_WEB_CHECKPOINT") else SamProposals(HalvesGenerator())  # the picture: none
     predictor = Predictor(loaded.segmenter, loaded.clip, templates=loaded.templates, resize=loaded.resize,
-                          sam=SamProposals(HalvesGenerator()))
+                          sam=stand_in)
     app = web.build_app(predictor, checkpoint=checkpoint.name, **SETTINGS)
     app.service.warm_up()
     url = web.launch(app, port=None, block=False, quiet=True)
