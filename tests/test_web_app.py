@@ -30,7 +30,6 @@ gr = pytest.importorskip("gradio", reason="the web app needs the web extra: pip 
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from ovseg_jax.inference import ensemble  # noqa: E402
 from ovseg_jax.utils.compilation import CompileTimer  # noqa: E402
 from ovseg_jax.web import app as web  # noqa: E402
 
@@ -40,7 +39,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy ke
 NAMES = ["sky", "snow", "plain green", "checkered yellow"]  # four: the warm-up used three (one padded bucket)
 VOCABULARY = [*NAMES, "sand", "a", "others", *web.WARMUP_NAMES]
 INSTALL = "sudo apt-get install -y chromium chromium-driver && .venv/bin/pip install -e '.[web]'"
-SETTINGS = dict(short=128, max_size=512)  # the demo's evaluation size
+SETTINGS = {"short": 128, "max_size": 512}  # the demo's evaluation size
 
 
 def random_model(build, seed: int):
@@ -164,7 +163,7 @@ def test_the_api_is_documented_for_clients(client):
 
 def test_a_new_class_list_after_the_warm_up_compiles_nothing(client, demo_files):
     with CompileTimer() as timer:
-        overlay, legend = segment(client, demo_files[2], ", ".join(NAMES))
+        _, legend = segment(client, demo_files[2], ", ".join(NAMES))
     assert [entry["name"] for entry in legend] == NAMES
     assert timer.count == 0, f"{timer.count} compilations ({timer.seconds:.1f} s)"
 
@@ -199,7 +198,7 @@ def test_concurrent_requests_queue_and_equal_a_direct_prediction(served, client,
 
 
 def test_mode_lambda_and_threshold_reach_the_predictor(served, client, demo_files):
-    overlay, legend = segment(client, demo_files[2], "sky, sand", mode="demo", weight=0.0, threshold=0.35)
+    _, legend = segment(client, demo_files[2], "sky, sand", mode="demo", weight=0.0, threshold=0.35)
     expected = direct_shares(served[1], demo_files[2], ["sky", "sand"], mode="demo", ensemble_weight=0.0,
                              mask_threshold=0.35)
     np.testing.assert_allclose([entry["share"] for entry in legend], expected, atol=1e-6)
@@ -207,7 +206,7 @@ def test_mode_lambda_and_threshold_reach_the_predictor(served, client, demo_file
 
 @pytest.mark.parametrize("mode", ["semantic", "demo"])
 def test_sam_proposals_reach_the_predictor(served, client, demo_files, mode):
-    overlay, legend = segment(client, demo_files[2], "sky, sand", mode=mode, weight=0.0, threshold=0.4,
+    _, legend = segment(client, demo_files[2], "sky, sand", mode=mode, weight=0.0, threshold=0.4,
                               proposals="sam")
     expected = direct_shares(served[1], demo_files[2], ["sky", "sand"], mode=mode, proposals="sam",
                              ensemble_weight=0.0, mask_threshold=0.4)
@@ -320,7 +319,7 @@ def test_unreadable_checkpoint_exits_2_with_one_line(tmp_path):
     bad = tmp_path / "model.pth"
     bad.write_text("<html>not a checkpoint</html>")
     result = subprocess.run([sys.executable, "-m", "ovseg_jax.serve", "--checkpoint", str(bad), "--port", "0"],
-                            capture_output=True, text=True, timeout=300)
+                            check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert f"cannot load {bad}" in result.stderr and "Traceback" not in result.stderr
 

@@ -40,8 +40,9 @@ import logging
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import gradio as gr
 import numpy as np
@@ -248,7 +249,7 @@ class Service:
                 self.predictor(self.mode, None, None).predict_batch(
                     [padded], list(WARMUP_NAMES), resized_hw=[resized_hw], original_hw=[original_hw])
                 log.info("warmed up in %.1f s", time.perf_counter() - t0)
-        except Exception:  # noqa: BLE001 (requests will show the same error; the page stays up)
+        except Exception:  # requests will show the same error; the page stays up
             log.exception("warm-up failed")
         finally:
             self.ready.set()
