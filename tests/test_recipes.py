@@ -140,13 +140,13 @@ def write_inputs(cwd: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    """The environment of the module's subprocesses: CPU, this checkout, and one JAX compilation
-    cache (every program, however quick to compile), so that what one process compiled (the tiny
-    models' initialisers, the class-name text bank, a step another recipe shares) the others load."""
+def env(compilation_cache) -> dict:
+    """The environment of the module's subprocesses: CPU, this checkout, and the session's JAX
+    compilation cache (every program, however quick to compile; tests/conftest.py), so that what
+    one process compiled (the tiny models' initialisers, the class-name text bank, a step another
+    recipe shares) the others load."""
     return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+            "JAX_COMPILATION_CACHE_DIR": str(compilation_cache)}
 
 
 @pytest.fixture(scope="module")
@@ -167,12 +167,14 @@ TRAINS = "test_recipe_trains_two_steps_on_its_real_input_layout"
 
 
 def train(name: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    """`python -m ovseg_jax.train --config configs/NAME.py --workdir runs/NAME` + the tiny overrides."""
+    """`python -m ovseg_jax.train --config configs/NAME.py --workdir runs/NAME` + the tiny overrides,
+    compiling into the cache of `env` (the command's default is the user's cache)."""
     kind = "clip" if name.startswith("vit") else "segmenter"
     extra = OVERRIDES[kind] + (OVERRIDES["swin" if "swin" in name else "resnet"] if kind == "segmenter" else [])
     return subprocess.run(
         [sys.executable, "-m", "ovseg_jax.train", f"--config={ROOT / 'configs' / name}.py",
-         f"--workdir=runs/{name}", *extra], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+         f"--workdir=runs/{name}", f"--compile_cache={env['JAX_COMPILATION_CACHE_DIR']}", *extra],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
