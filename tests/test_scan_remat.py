@@ -196,6 +196,7 @@ def test_stack_options_are_checked():
         configs.validate(c, data=False)
 
 
+@pytest.mark.slow  # trains two tiny CLIPs for 3 steps
 def test_checkpoints_do_not_depend_on_scan(tmp_path):
     """A run trained with scan + remat saves the loop's parameter paths; a loop run resumes it, the
     public loader reads it, and both runs train to the same parameters."""
