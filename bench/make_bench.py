@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # quiet (compilation is a third of it: the Swin-B training step alone compiles for 1-2 minutes). The
 # bfloat16 figures come from clip_encode; `Predictor` is timed in float32 only, to stay in that time.
 RUNS = [
-    ("clip_encode", ["bench/clip_encode.py", "--batch", "16", "--rounds", "3"]),
+    ("clip_encode", ["bench/clip_encode.py", "--batch", "16", "--rounds", "5"]),
     ("segmenter", ["bench/segmenter.py", "--rounds", "3"]),
     ("train_step_vit_b16", ["bench/train_step.py", "--model", "vit_b16", "--batch", "4", "--iters", "2",
                             "--warmup", "1"]),
