@@ -26,7 +26,7 @@ CACHE_MIN_SECONDS = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PER
 # workers end together. The quick demo's file comes first: while one worker builds the demo, the
 # other starts the recipes; the demo's other users come after.
 LONGEST_FIRST = ["test_demo.py", "test_recipes.py", "test_learning.py", "test_mine_pairs.py", "test_evaluate_cli.py",
-                 "test_predict_cli.py", "test_serve.py", "test_train_segmenter.py", "test_ablate.py",
+                 "test_predict_cli.py", "test_web_app.py", "test_train_segmenter.py", "test_ablate.py",
                  "test_scan_remat.py", "test_predict.py", "test_train_distributed.py"]
 
 
