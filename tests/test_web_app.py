@@ -197,6 +197,21 @@ def test_concurrent_requests_queue_and_equal_a_direct_prediction(served, client,
     assert len(runs) == 3 and all(end <= next_start for (_, end), (next_start, _) in zip(runs, runs[1:]))
 
 
+def test_overlay_files_are_named_by_content_and_never_rewritten_in_place(tmp_path):
+    """Two requests with the same picture share one complete file (written under a temporary name and
+    renamed), which a third writer leaves alone; another picture gets its own file."""
+    red, blue = Image.new("RGB", (8, 6), (255, 0, 0)), Image.new("RGB", (8, 6), (0, 0, 255))
+    first = web.cached_png(red, tmp_path)
+    inode = os.stat(first).st_ino
+    assert web.cached_png(red.copy(), tmp_path) == first and os.stat(first).st_ino == inode
+    other = web.cached_png(blue, tmp_path)
+    assert other != first
+    for path, colour in ((first, (255, 0, 0)), (other, (0, 0, 255))):
+        with Image.open(path) as picture:
+            assert picture.format == "PNG" and picture.getpixel((3, 2)) == colour
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["overlay.png", "overlay.png"]
+
+
 def test_mode_lambda_and_threshold_reach_the_predictor(served, client, demo_files):
     _, legend = segment(client, demo_files[2], "sky, sand", mode="demo", weight=0.0, threshold=0.35)
     expected = direct_shares(served[1], demo_files[2], ["sky", "sand"], mode="demo", ensemble_weight=0.0,

@@ -35,8 +35,12 @@ link, the theme's fonts are Gradio's own files.
 
 from __future__ import annotations
 
+import hashlib
 import html
+import io
 import logging
+import os
+import tempfile
 import threading
 import time
 import warnings
@@ -338,6 +342,25 @@ def legend_html(shown: View) -> str:
             f'{shown.seconds:.2f} s</p>')
 
 
+def cached_png(picture: Image.Image, cache_dir: str | os.PathLike) -> str:
+    """`picture` as a PNG in Gradio's cache folder, named by its content and written under a temporary
+    name, then renamed -> its path. Gradio's own handling of a returned PIL image rewrites
+    `<cache>/<hash>/image.png` in place, so when two requests give the same picture (two people on
+    one example) one client could download the file while the other request truncates it."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    directory = Path(cache_dir) / hashlib.sha256(data).hexdigest()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "overlay.png"
+    if not path.exists():
+        fd, staging = tempfile.mkstemp(prefix=".overlay.", suffix=".png", dir=directory)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(staging, path)
+    return str(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # The app
 
@@ -376,7 +399,7 @@ def build_app(predictor: Predictor | None, *, checkpoint: str | None = None, sho
         log.info("segmented %d x %d px, %d names, %s in %.2f s", *result.image.shape[:2], len(names), mode,
                  result.seconds)
         shown = view(result)
-        return overlay_picture(result), shown.legend, shown
+        return cached_png(overlay_picture(result), app.GRADIO_CACHE), shown.legend, shown
 
     def show(shown: View | None, beside: bool):
         if shown is None:
@@ -416,7 +439,7 @@ def build_app(predictor: Predictor | None, *, checkpoint: str | None = None, sho
                                               elem_id="segmentation")
                 legend_box = gr.HTML(elem_id="legend-box")
                 with gr.Accordion("The picture and the API's answer", open=False):
-                    picture = gr.Image(label="Overlay", type="pil", format="png", interactive=False,
+                    picture = gr.Image(label="Overlay", type="filepath", format="png", interactive=False,
                                        elem_id="overlay")
                     answer = gr.JSON(label="Legend")
         shown = gr.State(time_to_live=3600)  # the last result's `View`, per browser session
