@@ -29,8 +29,8 @@ TEST_SPREAD := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
 	$(PY) -m pytest -q $(TEST_SPREAD) --durations=20 tests
 
-# The edit loop: everything but the tests marked slow (multi-process training, the demo's runs,
-# the recipes' training runs).
+# The edit loop (under 2 minutes): everything but the tests marked slow (2 s or more each: training
+# runs, the demo and its users, the served web app, subprocesses; docs/contributing.md).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q $(TEST_SPREAD) -m "not slow" tests
 

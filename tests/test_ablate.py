@@ -55,6 +55,7 @@ def torch_vpt_features(ref: OpenAIClip, images: np.ndarray, prompts: np.ndarray,
         return unit((vis.ln_post(x[:, 0]) @ vis.proj).numpy())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth,tokens,mask_depth", [(0, 0, 0), (1, 4, 0), (3, 5, 0), (2, 3, 2)])
 def test_vpt_forward_matches_an_independent_torch_vpt(tmp_path, depth, tokens, mask_depth):
     torch.manual_seed(depth + tokens)

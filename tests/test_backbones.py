@@ -65,6 +65,7 @@ def swin(hf_swin_backbone):
     return model
 
 
+@pytest.mark.slow
 def test_swin_matches_transformers_swin_backbone(swin, hf_swin_backbone):
     _, ref, _ = hf_swin_backbone
     out = swin(jnp.asarray(IMAGES.transpose(0, 2, 3, 1)))
@@ -76,6 +77,7 @@ def test_swin_matches_transformers_swin_backbone(swin, hf_swin_backbone):
     assert swin.strides == {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
 
+@pytest.mark.slow
 def test_swin_gradients_match_transformers(swin, hf_swin_backbone):
     """Every parameter's gradient (relative position bias tables included: their gradient sums over
     images and shifted, masked windows) equals transformers' for the same loss."""
@@ -101,6 +103,7 @@ def test_swin_gradients_match_transformers(swin, hf_swin_backbone):
                                    err_msg="/".join(map(str, path)))
 
 
+@pytest.mark.slow
 def test_swin_matches_maskformer_swin_backbone():
     """The 4.x / MaskFormerSwin layout (separate query/key/value, `intermediate.dense`, ...)."""
     from transformers import MaskFormerSwinConfig
@@ -121,6 +124,7 @@ def test_swin_matches_maskformer_swin_backbone():
         np.testing.assert_allclose(_nchw(out[key]), r, atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_swin_absolute_position_embedding_is_resized_bicubic():
     from transformers import SwinBackbone, SwinConfig as HFSwinConfig
 
@@ -143,6 +147,7 @@ def test_swin_absolute_position_embedding_is_resized_bicubic():
         np.testing.assert_allclose(_nchw(out[key]), r, atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_swin_bfloat16_compute_stays_close(swin):
     model = SwinTransformer(SwinConfig(**SWIN_KW, drop_path_rate=0.2), dtype=jnp.bfloat16,
                             rngs=nnx.Rngs(0))
@@ -153,6 +158,7 @@ def test_swin_bfloat16_compute_stays_close(swin):
     np.testing.assert_allclose(np.asarray(low, np.float32), np.asarray(full), atol=0.15, rtol=0.05)
 
 
+@pytest.mark.slow
 def test_swin_stochastic_depth(swin):
     rates = [rate for layer in swin.layers for rate in layer.drop_path_rates]  # per block, on its stage
     np.testing.assert_allclose(rates, torch.linspace(0, 0.2, 5).numpy(), rtol=1e-6)
@@ -304,6 +310,7 @@ def _resnet_outputs(model, images=RESNET_IMAGES):
     # res5 dilation 2: no downsampling in res5, dilations 2 x multi-grid (output stride 16).
     (2, [(1, [1, 1]), (2, [1]), (2, [1]), (1, [2, 4, 8])]),
 ])
+@pytest.mark.slow
 def test_resnet_r101c_matches_torch_reference_from_detectron2_pkl(tmp_path, res5_dilation, stages):
     import pickle
 
@@ -386,6 +393,7 @@ def torchvision_resnet():
     return _state(ref), expected
 
 
+@pytest.mark.slow
 def test_resnet_basic_stem_matches_torchvision_layout(torchvision_resnet):
     state, expected = torchvision_resnet
     assert "layer1.0.bn1.num_batches_tracked" in state and "fc.weight" in state
@@ -431,6 +439,7 @@ def test_resnet_frozen_bn_is_not_a_param_and_round_trips():
                                       if k != "res3.0.conv2.norm.running_mean"}, source="r.pkl")
 
 
+@pytest.mark.slow
 def test_build_backbone_presets_and_errors():
     swin = nnx.eval_shape(lambda: build_backbone("swin", rngs=nnx.Rngs(0)))
     assert swin.out_channels == {"res2": 128, "res3": 256, "res4": 512, "res5": 1024}

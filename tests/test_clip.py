@@ -71,6 +71,7 @@ def hf_image_features(model, images, **kw):
     return unit(out.pooler_output.numpy())
 
 
+@pytest.mark.slow
 def test_hf_image_and_text_features_match(hf_pair):
     model, clip = hf_pair
     size = model.config.vision_config.image_size

@@ -83,6 +83,7 @@ def test_state_round_trips_through_orbax(world, tmp_path):
     manager.close()
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_batches(world):
     plain = _take(_seg(world), 3)
     it = iter(_seg(world, num_workers=1))

@@ -116,6 +116,7 @@ def test_bad_examples_name_the_file(ade_with_bad_files):
             source[index]
 
 
+@pytest.mark.slow
 def test_loader_raises_or_skips_and_counts(ade_with_bad_files):
     kwargs = dict(batch_size=2, crop_size=16, max_masks=4, scales=(20,), shuffle=False, num_epochs=1,
                   process_index=0, process_count=1)

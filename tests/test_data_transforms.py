@@ -127,6 +127,7 @@ def _rgb_formula(hsv):
     return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
 
 
+@pytest.mark.slow
 def test_hsv_lookup_tables_equal_the_per_pixel_formulas_on_every_8bit_value():
     """All 2^24 RGB colours, and all 2^24 byte triples as HSV (H >= 180 included)."""
     codes = np.arange(1 << 24, dtype=np.uint32).reshape(4096, 4096)

@@ -79,6 +79,7 @@ def test_every_not_run_marker_gives_a_reason():
         assert b.not_run != "", f"{b.page}:{b.line}: `<!-- not run: -->` without a reason"
 
 
+@pytest.mark.slow
 def test_the_site_builds_strictly(tmp_path):
     """`mkdocs build --strict` (what `make docs` runs), and the API pages hold the documented objects."""
     try:

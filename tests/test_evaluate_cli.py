@@ -88,6 +88,7 @@ def test_seen_classes_match_coco_stuff_names_and_synonyms():
     assert seen.coco_seen(names, coco) == [True, True, True, True, True, True, True, False, False]
 
 
+@pytest.mark.slow
 def test_box_crops_keep_the_background_and_match_torch():
     rs = np.random.RandomState(3)
     h, w = 29, 41
@@ -286,6 +287,7 @@ def test_clip_top_k_needs_clip(demo, tmp_path):
     (["--dataset", "ade999"], "--dataset 'ade999' unknown"),
     (["--dataset", "ade150", "--root", "/nonexistent/datasets"], "--root /nonexistent/datasets: no such directory"),
 ])
+@pytest.mark.slow
 def test_bad_dataset_or_root_is_one_error_line(args, message, tmp_path):
     run = subprocess.run([sys.executable, "-m", "ovseg_jax.evaluate", "--checkpoint", str(tmp_path / "none.pth"),
                           *args], capture_output=True, text=True, timeout=300)

@@ -104,6 +104,7 @@ def same_params(a, b) -> bool:
 # Loading training workdirs
 
 
+@pytest.mark.slow
 def test_clip_workdir_loads_the_trained_clip_with_the_run_tokenizer(clip_run, tok):
     workdir, trained = clip_run
     clip = oclip.load(workdir)
@@ -116,6 +117,7 @@ def test_clip_workdir_loads_the_trained_clip_with_the_run_tokenizer(clip_run, to
     assert plain.config.mask_prompt_depth == 0 and "visual.mask_embedding" not in openai_state_dict(plain)
 
 
+@pytest.mark.slow
 def test_segmenter_workdir_loads_the_saved_segmenter(seg_run):
     workdir, saved, config = seg_run
     segmenter = osegmenter.load(workdir)
@@ -124,6 +126,7 @@ def test_segmenter_workdir_loads_the_saved_segmenter(seg_run):
     assert same_params(osegmenter.load(workdir / "checkpoints", step=0), saved.segmenter)
 
 
+@pytest.mark.slow
 def test_clip_of_a_segmenter_workdir_is_its_frozen_clip(seg_run, clip_run):
     workdir, saved, _ = seg_run
     clip = oclip.load(workdir)
@@ -132,6 +135,7 @@ def test_clip_of_a_segmenter_workdir_is_its_frozen_clip(seg_run, clip_run):
     np.testing.assert_allclose(clip.class_embeddings(CLASSES), saved.text_bank[...], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_wrong_workdirs_and_steps_are_refused(clip_run, seg_run, tmp_path):
     with pytest.raises(CheckpointError, match="'clip' run; expected a 'segmenter' stage"):
         osegmenter.load(clip_run[0])
@@ -200,6 +204,7 @@ def test_hf_export_loads_in_transformers(clip_run, tmp_path):
     np.testing.assert_allclose(clip.encode_text(TEXTS), unit(text.numpy()), atol=TOL)
 
 
+@pytest.mark.slow
 def test_ovseg_export_of_a_segmenter_workdir_has_the_released_layout(seg_run, tok, tmp_path):
     workdir, _, config = seg_run
     out = tmp_path / "ovseg.pth"
@@ -222,6 +227,7 @@ def test_ovseg_export_of_a_segmenter_workdir_has_the_released_layout(seg_run, to
     assert back.config == config and same_params(back, osegmenter.load(workdir))
 
 
+@pytest.mark.slow
 def test_merge_accepts_workdirs_for_both_models(seg_run, clip_run, tmp_path):
     out = tmp_path / "merged.pth"
     merge.main(["--segmenter", str(seg_run[0]), "--clip", str(clip_run[0]), "--out", str(out)])
@@ -263,6 +269,7 @@ def test_export_cli_errors(clip_run, tmp_path, capsys, args, message):
     ("ovseg_jax.export", ["--from", "missing.pth", "--format", "ovseg", "--out", "x.pth"]),
     ("ovseg_jax.merge", ["--segmenter", "missing.pth", "--clip", "missing.pt", "--out", "x.pth"]),
 ])
+@pytest.mark.slow
 def test_cli_exit_status_without_traceback(tmp_path, module, args):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env, capture_output=True,

@@ -61,6 +61,7 @@ def reference_crops(image: np.ndarray, probs: np.ndarray, threshold: float, size
     return crops, masks, valid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ratio", [1.0, 1.3])
 def test_masked_crops_match_reference(ratio):
     rs = np.random.RandomState(2)

@@ -119,6 +119,7 @@ def problem():
     return layers, outputs, targets, torch_targets, valid
 
 
+@pytest.mark.slow
 def test_matching_cost_matches_transformers_terms(problem):
     layers, outputs, targets, (t_masks, t_classes), valid = problem
     weights = LossWeights(ce=1.0, mask=20.0, dice=1.0)
@@ -150,6 +151,7 @@ def test_matching_matches_transformers_matcher(problem):
             assert sorted(ref_gts.tolist()) == list(range(len(cols)))
 
 
+@pytest.mark.slow
 def test_losses_match_transformers(problem):
     layers, outputs, targets, (t_masks, t_classes), valid = problem
     matcher = MaskFormerHungarianMatcher(cost_class=1.0, cost_mask=20.0, cost_dice=1.0)
@@ -215,6 +217,7 @@ def test_loss_value_and_gradient_match_transformers_with_many_padded_slots(full)
         np.testing.assert_allclose(got["pred_masks"], ref_masks, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_loss_with_axis_name_equals_the_global_batch_loss(problem):
     """Split over a named data axis (vmap stands in for shard_map), the psum'd loss is the global one."""
     import jax
@@ -256,6 +259,7 @@ print("ok", jax.device_count())
 """
 
 
+@pytest.mark.slow
 def test_loss_on_batch_sharded_arrays_and_in_shard_map():
     """On 4 simulated devices: jit on batch-sharded global arrays and shard_map with axis_name both
     give the single-device loss (and gradient)."""
@@ -287,6 +291,7 @@ def test_loss_rejects_inputs_that_do_not_fit(problem):
         maskformer_loss(bad_aux, targets)
 
 
+@pytest.mark.slow
 def test_loss_gradients_are_finite_and_reach_every_output(problem):
     import jax
 

@@ -38,6 +38,7 @@ def _dots(jaxpr) -> list:
     ("bqhd,bkhd->bhqk", [(2, 7, 3, 4), (2, 9, 3, 4)]),
     ("lbqc,bhwc->lbqhw", [(3, 2, 5, 4), (2, 6, 7, 4)]),
 ])
+@pytest.mark.slow
 def test_low_precision_einsum_equals_float32_products_of_the_rounded_inputs(spec, shapes):
     x, y = (_random(s, i) for i, s in enumerate(shapes))
     cotangent_f32 = jax.random.normal(jax.random.key(9), jnp.einsum(spec, x, y).shape)
@@ -135,6 +136,7 @@ def test_low_precision_einsum_refuses_specs_it_cannot_transpose():
         layers.einsum("ad,de->e", x, y)  # `a` summed out of one operand alone
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True])
 def test_bfloat16_attention_stays_close_to_jax_nn_in_float32(causal):
     keys = jax.random.split(jax.random.key(0), 4)
@@ -147,6 +149,7 @@ def test_bfloat16_attention_stays_close_to_jax_nn_in_float32(causal):
     np.testing.assert_allclose(np.asarray(low, np.float32), reference.reshape(2, 9, 16), atol=0.05)
 
 
+@pytest.mark.slow
 def test_attention_gradient_runs_under_vmap_in_bfloat16():
     """`jax.vmap` adds a batch dimension to every product of the attention."""
     q = jax.random.normal(jax.random.key(0), (3, 2, 16, 8))

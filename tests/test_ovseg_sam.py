@@ -287,6 +287,7 @@ class GivenProposals(Predictor):
         return Proposals(*(x[None] for x in self.given))
 
 
+@pytest.mark.slow
 def test_both_is_the_segmenters_scores_plus_sams_masks(clips, reference_masks):
     """Semantic "both": the segmenter's ensemble scores (its proposals' crops classified and combined
     as reference 1.7, `combine`) plus SAM's masks with the uniform segmenter term `C^-(1-λ) ·
@@ -309,6 +310,7 @@ def test_both_is_the_segmenters_scores_plus_sams_masks(clips, reference_masks):
     np.testing.assert_allclose(both.scores(image, NAMES), np.asarray(segmenter_part) + sam_part, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_masks_are_padded_to_a_bucketed_budget(sam_files):
     assert [mask_budget(n, 32) for n in (0, 1, 8, 9, 17, 32, 33, 70)] == [8, 8, 8, 16, 32, 32, 64, 96]
     assert mask_budget(5, 4) == 8 and mask_budget(3, 4) == 4

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ovseg_jax"
 # What users type after `python -m`: thin command modules (parse arguments, call the library, print).
@@ -115,6 +117,7 @@ def test_every_command_is_a_module_users_can_run():
         assert 'if __name__ == "__main__":' in source, command
 
 
+@pytest.mark.slow
 def test_every_module_imports_on_its_own_and_the_top_level_stays_light():
     """One fresh interpreter: `import ovseg_jax` must not load JAX; then each module imports (an
     import cycle that only bites at import time would fail here); the public names resolve."""

@@ -43,6 +43,7 @@ def segmenter_outputs(segmenter, images, text_bank) -> dict:
     return jax.jit(lambda state, x, t: nnx.merge(graphdef, state)(x, t))(state, images, text_bank)
 
 
+@pytest.mark.slow
 def test_scores_equal_the_original_pipeline(predictor, image):
     text = predictor.clip.class_embeddings(CLASSES)
     out = segmenter_outputs(predictor.segmenter, normalize_images(image[None]), text)
@@ -65,6 +66,7 @@ def test_scores_equal_the_original_pipeline(predictor, image):
     np.testing.assert_array_equal(labels, expected.numpy())
 
 
+@pytest.mark.slow
 def test_padding_beyond_the_resized_image_changes_nothing(predictor, image):
     padded = np.full((64, 64, 3), 255, np.uint8)  # a 64 x 64 bucket filled with garbage
     padded[:40, :56] = image
@@ -76,6 +78,7 @@ def test_padding_beyond_the_resized_image_changes_nothing(predictor, image):
                                   predictor.predict(image, CLASSES, original_hw=(20, 28)))
 
 
+@pytest.mark.slow
 def test_a_batch_equals_its_images_one_by_one(predictor, image):
     """Two images of different resized sizes in one padded batch: one device call, same labels."""
     other = np.random.RandomState(5).randint(0, 256, (33, 64, 3)).astype(np.uint8)
@@ -87,6 +90,7 @@ def test_a_batch_equals_its_images_one_by_one(predictor, image):
     assert got[1].confidence.shape == (50, 97) and (got[1].confidence > 0).all()
 
 
+@pytest.mark.slow
 def test_the_pieces_recombine_into_the_scores(predictor, image):
     """`proposals` + `classify_crops` + `combine` (what sweeps and mining use) give `scores`."""
     proposals = predictor.proposals(image, CLASSES)
@@ -95,6 +99,7 @@ def test_the_pieces_recombine_into_the_scores(predictor, image):
     np.testing.assert_allclose(got, predictor.scores(image, CLASSES), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_demo_mode_gives_a_single_class_the_competitor_others(predictor, image):
     demo_mode = Predictor(predictor.segmenter, predictor.clip, mask_threshold=0.5, ensemble_weight=0.0, mode="demo")
     assert demo_mode.scores(image, CLASSES[:1]).shape == (40, 56, 2)

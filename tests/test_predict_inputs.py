@@ -52,6 +52,7 @@ def test_nan_pixels_are_refused(predictor, image):
         predictor.predict(bad, CLASSES)
 
 
+@pytest.mark.slow
 def test_float_image_in_unit_range_is_scaled_by_255(predictor, image, scores):
     as_float = image.astype(np.float32) / 255  # round(255 * x) gives the uint8 image back
     np.testing.assert_array_equal(predictor.scores(as_float, CLASSES), scores)

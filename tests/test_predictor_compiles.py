@@ -73,6 +73,7 @@ def test_masked_padded_logits_leave_the_real_softmax_unchanged():
     assert (probs[:, 5:16] == 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, weight, count", [("semantic", 0.7, 5), ("demo", 0.0, 1)],
                          ids=["semantic", "demo-one-name-and-others"])
 def test_padded_bank_gives_the_unpadded_scores_and_labels(models, image, mode, weight, count):
@@ -91,6 +92,7 @@ def test_padded_bank_gives_the_unpadded_scores_and_labels(models, image, mode, w
     assert labels.min() >= (UNLABELED if mode == "demo" else 0) and labels.max() < count
 
 
+@pytest.mark.slow
 def test_class_lists_of_three_lengths_compile_once(models):
     """2, 5 and 11 names (all under the bucket of 16), on an image shape no other test uses."""
     segmenter, clip = models
@@ -103,6 +105,7 @@ def test_class_lists_of_three_lengths_compile_once(models):
     assert ensemble._scores_jit._cache_size() - before == 1
 
 
+@pytest.mark.slow
 def test_other_thresholds_and_weights_reuse_the_program(models, image):
     """Settings a slider gives (λ 0.3 and 0 = CLIP only; thresholds 0.3, 0.6) after a first
     prediction at (0.7, 0.5) on an image shape no other test uses: no new program, and each equals

@@ -40,6 +40,7 @@ def _finite(tree) -> bool:
 
 # -- 1. a diverging update ----------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_an_overflowing_update_is_never_applied_saved_or_named_good(tmp_path, dtype):
     """The issue's scenario: a rate of 1e39 (infinite in float32) at step 3, with a finite loss and

@@ -159,6 +159,7 @@ def _nms_case(rs, n):
     return boxes, scores
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.7])
 def test_box_nms_equals_torchvision_greedy_nms(threshold):
     rs = np.random.RandomState(7)
@@ -252,12 +253,14 @@ def run_both(models, image, **options):
     return got, want
 
 
+@pytest.mark.slow
 def test_generator_equals_reference_on_a_photo(models):
     got, want = run_both(models, photo(), points_per_batch=50, points_per_side=24, **LOW_THRESHOLDS)  # 26 in the last
     assert_same_records(got, want, min_count=12)
     assert all(r["segmentation"].dtype == bool and r["segmentation"].shape == (100, 150) for r in got)
 
 
+@pytest.mark.slow
 def test_generator_equals_reference_coco_rle(models):
     pytest.importorskip("pycocotools")
     got, want = run_both(models, smooth_noise(), points_per_side=24, points_per_batch=50, output_mode="coco_rle",
@@ -266,6 +269,7 @@ def test_generator_equals_reference_coco_rle(models):
     assert [r["segmentation"] for r in got] == [r["segmentation"] for r in want]
 
 
+@pytest.mark.slow
 def test_generator_equals_reference_with_crops_and_small_regions(models):
     pytest.importorskip("cv2")  # the reference's small-region removal
     got, want = run_both(models, photo(), points_per_side=16, points_per_batch=128, crop_n_layers=1,
@@ -319,6 +323,7 @@ def run_cli(*args: str) -> int:
     return amg_cli.main([str(a) for a in args])
 
 
+@pytest.mark.slow
 def test_cli_writes_mask_folders_as_the_reference(models, image_folder, tmp_path, capsys):
     _, checkpoint, sam = models
     assert run_cli("--checkpoint", checkpoint, "--input", image_folder, "--output", tmp_path, *CLI_SETTINGS) == 0
@@ -341,6 +346,7 @@ def test_cli_writes_mask_folders_as_the_reference(models, image_folder, tmp_path
             assert line.split(",") == [str(v) for v in expected]
 
 
+@pytest.mark.slow
 def test_cli_writes_coco_rle_json(models, image_folder, tmp_path):
     mask_utils = pytest.importorskip("pycocotools.mask")
     _, checkpoint, sam = models

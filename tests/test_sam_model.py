@@ -287,6 +287,7 @@ def test_transformers_config_is_read(hf_pair):
         decoder_heads=2, decoder_mlp_dim=24, iou_head_depth=4, iou_head_hidden_dim=20, decoder_norm_eps=1e-6)
 
 
+@pytest.mark.slow
 def test_transformers_outputs_equal(hf_pair):
     """A 4 x 4 grid in 3 x 3 windows (padded to 6 x 6) and one global block; points, boxes, a mask."""
     model, sam = hf_pair
@@ -358,6 +359,7 @@ def relative_errors(got, want) -> tuple[float, float]:
     return diff.max() / want.max(), diff.mean() / want.mean()
 
 
+@pytest.mark.slow
 def test_bfloat16_close_to_float32(checkpoint, sam, images, embeddings, prompts):
     """bfloat16 compute (float32 parameters, float32 accumulation): the embedding within 4% of its
     largest float32 magnitude (2% on average; measured 1.4% / 0.9%), the mask logits within 6% (4%
@@ -377,6 +379,7 @@ def test_bfloat16_close_to_float32(checkpoint, sam, images, embeddings, prompts)
     assert relative_errors(iou, want_iou)[0] < 0.03
 
 
+@pytest.mark.slow
 def test_scan_and_remat_equal_loop(checkpoint, sam, embeddings, images, prompts):
     scanned = osam.load(checkpoint)
     set_stack_options(scanned.model, scan_layers=True, remat="dots")

@@ -49,6 +49,7 @@ def jaxpr_text(fn, *args) -> str:
 
 # ------------------------------------------------------------------------------------------ CLIP
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth,shared,options", [(2, False, [(True, "none")]),
                                                    (3, True, [(True, "block"), (False, "dots")])])
 def test_clip_scan_and_remat_keep_mask_prompt_features(tmp_path, depth, shared, options):
@@ -71,6 +72,7 @@ def test_clip_scan_and_remat_keep_mask_prompt_features(tmp_path, depth, shared, 
         assert nnx_to_torch(model).keys() == nnx_to_torch(loop).keys()  # export layout unchanged
 
 
+@pytest.mark.slow
 def test_clip_scan_keeps_deep_visual_prompts(tmp_path):
     torch.manual_seed(7)
     ref = OpenAIClip(vision_layers=4, mask_depth=2).eval()
@@ -111,6 +113,7 @@ def test_clip_gradients_are_the_same_with_scan_and_remat():
 
 # ---------------------------------------------------------------------------------- Swin, decoder
 
+@pytest.mark.slow
 def test_swin_scan_matches_transformers_with_an_odd_stage_depth():
     """Stages of 1, 3 and 2 blocks: scanned (unshifted, shifted) pairs plus an odd last block."""
     from transformers import SwinBackbone, SwinConfig as HFSwinConfig

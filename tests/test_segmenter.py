@@ -80,6 +80,7 @@ def test_sine_position_embedding_matches_transformers():
     np.testing.assert_allclose(ours, nhwc(ref).reshape(35, 32), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_pixel_decoder_matches_transformers(torch_outputs, hf_head_state):
     decoder = BasePixelDecoder(CHANNELS, FPN, MASK, rngs=nnx.Rngs(0))
     _load(decoder, hf_head_state, "pixel_decoder.")
@@ -87,6 +88,7 @@ def test_pixel_decoder_matches_transformers(torch_outputs, hf_head_state):
     np.testing.assert_allclose(decoder(features), torch_outputs["mask_features"], atol=TOL)
 
 
+@pytest.mark.slow
 def test_transformer_decoder_matches_transformers_per_layer(torch_outputs, hf_head_state):
     decoder = TransformerDecoder(CHANNELS["res5"], dim=DECODER["d_model"], num_queries=DECODER["num_queries"],
                                  heads=DECODER["decoder_attention_heads"], ffn_dim=DECODER["decoder_ffn_dim"],
@@ -97,6 +99,7 @@ def test_transformer_decoder_matches_transformers_per_layer(torch_outputs, hf_he
     np.testing.assert_allclose(hs, torch_outputs["hs"], atol=TOL)
 
 
+@pytest.mark.slow
 def test_decoder_dropout_needs_rngs_and_is_reproducible():
     decoder = TransformerDecoder(8, dim=32, num_queries=5, heads=4, ffn_dim=64, num_layers=2, dropout=0.5,
                                  rngs=nnx.Rngs(0))
@@ -181,6 +184,7 @@ def ours(segmenter, images, text_bank):
     return _run(segmenter, images, text_bank)
 
 
+@pytest.mark.slow
 def test_segmenter_from_transformers_matches_torch(ours, torch_padded_outputs):
     mf, hs, out = ours
     ref = torch_padded_outputs
@@ -299,6 +303,7 @@ def test_safetensors_export_loads_back(segmenter, tmp_path):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_backbone_only_file_initialises_the_backbone(segmenter, tmp_path):
     """An official ImageNet Swin `{"model": ...}` file (classifier, final norm, buffers, no stage
     norms) initialises only the backbone; the stage norms start at 1 / 0."""
@@ -320,6 +325,7 @@ def test_backbone_only_file_initialises_the_backbone(segmenter, tmp_path):
     assert all(np.all(loaded[f"norm{i}.weight"] == 1) and np.all(loaded[f"norm{i}.bias"] == 0) for i in range(4))
 
 
+@pytest.mark.slow
 def test_resnet_segmenter_ovseg_round_trip(tmp_path):
     """R101c-style segmenter: detectron2 backbone names under `backbone.`, exact reload."""
     from ovseg_jax.convert.params import nnx_to_torch
@@ -341,6 +347,7 @@ def test_resnet_segmenter_ovseg_round_trip(tmp_path):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_stays_close_to_float32(hf_dir, ours, images, text_bank):
     from ovseg_jax.segmenter import load
 

@@ -25,6 +25,7 @@ def _worker(*args, **popen):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     """6 steps straight == 3 steps, a new process-like restart from the workdir, then 3 steps."""
     config = tiny_config("mpt", total_steps=6, lr=0.05)
@@ -48,6 +49,7 @@ def test_resume_is_exact(tmp_path):
     assert Checkpointer(tmp_path / "checkpoints").latest_step() == 6
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     class PoisonAt4(PairBatches):
         def __next__(self):
@@ -64,6 +66,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(v).all() for v in load_params(tmp_path).values())
 
 
+@pytest.mark.slow
 def test_process_killed_during_save_leaves_last_checkpoint_loadable(tmp_path):
     proc = _worker("kill_during_save", tmp_path)
     out, err = proc.communicate(timeout=120)
@@ -76,6 +79,7 @@ def test_process_killed_during_save_leaves_last_checkpoint_loadable(tmp_path):
     np.testing.assert_array_equal(load_params(tmp_path)["w"], np.ones((4, 4), np.float32))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     out_file = tmp_path / "params.npz"
     proc = _worker("fit", out_file, "--workdir", tmp_path / "run", "--total", 1000)

@@ -54,6 +54,7 @@ def test_warmup_cosine_is_open_clip_cosine_lr(step):
     np.testing.assert_allclose(float(schedule(step)), _open_clip_cosine(step), rtol=1e-5, atol=1e-14)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm_given", [False, True], ids=["norm_computed", "norm_given"])
 def test_adamw_groups_clipping_and_freezing_match_torch(norm_given):
     """lr multiplier, weight-decay exclusion, freezing and full-model clipping vs torch.optim.AdamW,
@@ -128,6 +129,7 @@ def _train(stage, steps, **kw):
     return before, jax.device_get(trainer.state["params"]), trainer
 
 
+@pytest.mark.slow
 def test_mask_prompt_tuning_changes_only_the_mask_embedding():
     before, after, _ = _train("mpt", 3, lr=0.05)
     assert not np.array_equal(before["visual/mask_embedding"], after["visual/mask_embedding"])
@@ -136,6 +138,7 @@ def test_mask_prompt_tuning_changes_only_the_mask_embedding():
             assert before[path].tobytes() == after[path].tobytes(), path
 
 
+@pytest.mark.slow
 def test_finetune_freezes_the_text_tower_and_clamps_logit_scale():
     before, after, trainer = _train("ft", 3, lr=0.05)
     assert "visual/mask_embedding" not in before
@@ -149,6 +152,7 @@ def test_finetune_freezes_the_text_tower_and_clamps_logit_scale():
     assert set(trainer.trainable) == set(visual) | {"logit_scale"}
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss():
     c32, c16 = tiny_config("pretrain"), tiny_config("pretrain")
     c16.dtype = "bfloat16"

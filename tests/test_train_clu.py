@@ -84,6 +84,7 @@ TWO_DEVICES = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_collections_over_two_devices_equal_numpy():
     flags = "--xla_force_host_platform_device_count=2 --xla_cpu_enable_concurrency_optimized_scheduler=false"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),

@@ -129,6 +129,7 @@ def test_table_assignment_is_logged_once_per_parameter(caplog):
 
 # ---------------------------------------------------------------------------------- resuming
 
+@pytest.mark.slow
 def test_resume_with_a_different_config_is_refused_unless_allowed(tmp_path):
     workdir = tmp_path / "run"
     assert run(python_config(total_steps=2), workdir) == "done"
@@ -146,6 +147,7 @@ def test_resume_with_a_different_config_is_refused_unless_allowed(tmp_path):
     assert Checkpointer(workdir / "checkpoints").latest_step() == 4
 
 
+@pytest.mark.slow
 def test_resuming_a_stateless_python_iterator_warns_that_data_restarts(tmp_path, caplog):
     def stateless():
         batches = PairBatches(8)
@@ -194,6 +196,7 @@ class PoisonAt(PairBatches):
         return {**batch, "poison": np.full(len(batch["image"]), float(self.position == self.bad), np.float32)}
 
 
+@pytest.mark.slow
 def test_a_nonfinite_step_changes_nothing_and_says_so(monkeypatch):
     monkeypatch.setattr(clip_contrastive, "loss", _poisoned_loss(clip_contrastive.loss))
     trainer = Trainer(tiny_config("ft"))
@@ -204,6 +207,7 @@ def test_a_nonfinite_step_changes_nothing_and_says_so(monkeypatch):
     jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(state))  # step, params, Adam moments
 
 
+@pytest.mark.slow
 def test_nonfinite_update_is_never_saved_and_a_rerun_resumes_from_the_last_good_step(tmp_path, monkeypatch):
     monkeypatch.setattr(clip_contrastive, "loss", _poisoned_loss(clip_contrastive.loss))
     config = tiny_config("ft", total_steps=5)
@@ -225,6 +229,7 @@ def test_nonfinite_update_is_never_saved_and_a_rerun_resumes_from_the_last_good_
     assert all(np.isfinite(v).all() for v in load_params(tmp_path).values())
 
 
+@pytest.mark.slow
 def test_huge_learning_rate_stops_with_a_finite_last_checkpoint(tmp_path):
     config = tiny_config("ft", total_steps=6, lr=1e6)
     config.checkpoint.interval, config.checkpoint.max_to_keep = 1, 1
@@ -238,6 +243,7 @@ def test_huge_learning_rate_stops_with_a_finite_last_checkpoint(tmp_path):
     assert all(np.isfinite(v).all() for v in load_params(tmp_path).values())
 
 
+@pytest.mark.slow
 def test_an_evaluation_failure_loses_no_training_progress(tmp_path):
     config = tiny_config("ft", total_steps=4)
     config.checkpoint.interval, config.eval_every = 100, 2

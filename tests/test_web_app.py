@@ -33,8 +33,9 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from ovseg_jax.utils.compilation import CompileTimer  # noqa: E402
 from ovseg_jax.web import app as web  # noqa: E402
 
-# gradio's queue uses pandas options that pandas 3 deprecates (not ours to fix)
-pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
+# gradio's queue uses pandas options that pandas 3 deprecates (not ours to fix). The whole file is
+# `slow` (make test-fast leaves it out): most tests talk to a served app, which takes 15 s to start.
+pytestmark = [pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*"), pytest.mark.slow]
 
 NAMES = ["sky", "snow", "plain green", "checkered yellow"]  # four: the warm-up used three (one padded bucket)
 VOCABULARY = [*NAMES, "sand", "a", "others", *web.WARMUP_NAMES]
