@@ -264,6 +264,7 @@ def vit_pair(model: str, batch: int, dtypes: list[str], layers: int | None):
 
     import ovseg_jax.clip as oclip
     from ovseg_jax.models.clip import ClipConfig
+    from ovseg_jax.models.layers import inference_split
 
     preset: ClipConfig = getattr(ClipConfig, model)()
     depth = layers or preset.vision_layers
@@ -280,7 +281,7 @@ def vit_pair(model: str, batch: int, dtypes: list[str], layers: int | None):
         torch_model.save_pretrained(tmp)
         for dtype in dtypes:
             clip = oclip.load(tmp, dtype=getattr(jnp, dtype))
-            graphdef, state = nnx.split(clip.model)
+            graphdef, state = inference_split(clip.model)  # as Clip.encode_image
             forward = jax.jit(lambda state, x, g=graphdef: nnx.merge(g, state).encode_image(x))
             x = jnp.asarray(images)
             compiled = forward.lower(state, x).compile()

@@ -35,6 +35,7 @@ from ovseg_jax.convert.torch_io import (SIDECAR_SUFFIX, CheckpointError, check_s
                                         read_safetensors, read_sidecar, read_state_dict, write_safetensors,
                                         write_sidecar, write_torch_file)
 from ovseg_jax.models.clip import CLIP, ClipConfig
+from ovseg_jax.models.layers import inference_split
 from ovseg_jax.text import Tokenizer, templates as resolve_templates
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class Clip:
             region_masks = jnp.asarray(region_masks, jnp.float32)
             if region_masks.shape != images.shape[:3]:
                 raise ValueError(f"region_masks must be [N, H, W] = {images.shape[:3]}; got {region_masks.shape}")
-        graphdef, state = nnx.split(self.model)
+        graphdef, state = inference_split(self.model)
         return _normalized_image_features(graphdef, state, images, region_masks)
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
@@ -105,7 +106,7 @@ class Clip:
         n = len(ids)
         if n == 0:
             return jnp.zeros((0, self.config.embed_dim), jnp.float32)
-        graphdef, state = nnx.split(self.model)
+        graphdef, state = inference_split(self.model)
         chunks = []
         for start in range(0, n, _TEXT_BUCKET):
             part = ids[start:start + _TEXT_BUCKET]
@@ -276,7 +277,8 @@ def load(path: str | os.PathLike, mask_prompt_depth: int | None = None,
         by default the tokenizer files of a transformers directory, or the tokenizer a training
         run used (`config.data.tokenizer`; a segmenter run's `config.model.tokenizer`), if any.
     step: which checkpoint of a training workdir (default the latest); only for workdirs.
-    dtype: compute dtype (float32 or bfloat16); parameters stay float32.
+    dtype: compute dtype (float32 or bfloat16); parameters stay float32 (the encode calls keep a
+        bfloat16 copy of the weight matrices, `models.layers.inference_split`).
     """
     path = Path(path)
     if not path.exists():

@@ -35,6 +35,7 @@ from ovseg_jax.convert.torch_io import (
     write_safetensors,
     write_torch_file,
 )
+from ovseg_jax.models.layers import inference_split
 from ovseg_jax.models.sam import Sam, SamConfig, abstract_sam
 from ovseg_jax.models.sam.transforms import ResizeLongestSide
 
@@ -92,7 +93,7 @@ class SamModel:
         s = self.config.image_size
         padded = np.zeros((1, s, s, 3), np.float32)
         padded[0, :resized.shape[0], :resized.shape[1]] = resized
-        graphdef, state = nnx.split(self.model)
+        graphdef, state = inference_split(self.model)
         embedding = _embed(graphdef, state, padded, np.asarray([resized.shape[:2]], np.int32))
         return ImageEmbedding(embedding[0], tuple(resized.shape[:2]), tuple(image.shape[:2]))
 
@@ -122,7 +123,7 @@ class SamModel:
             boxes = self.transform.apply_boxes(np.asarray(boxes, np.float64), original).astype(np.float32)[None]
         if mask_input is not None:
             mask_input = np.asarray(mask_input, np.float32)[None]
-        graphdef, state = nnx.split(self.model)
+        graphdef, state = inference_split(self.model)
         low_res, iou = _decode(graphdef, state, embedding.embedding[None], coords, labels, (boxes, mask_input),
                                multimask_output)
         masks = _postprocess(graphdef, state, low_res[0], tuple(embedding.input_size), tuple(original))

@@ -181,3 +181,41 @@ def test_broadcast_to_gradient_sums_like_jnp(source, target, dtype):
     # bfloat16: the cotangent and the sum are each rounded to bfloat16 once
     tol = 1e-5 if dtype == jnp.float32 else 2 ** -7 * float(jnp.abs(expected).max())
     np.testing.assert_allclose(np.asarray(ours, np.float32), expected, rtol=1e-5, atol=tol)
+
+
+def test_inference_split_keeps_bfloat16_kernels_and_gives_the_same_features():
+    """`layers.inference_split` of a bfloat16 CLIP: Linear/Conv kernels stored in bfloat16, everything
+    else float32, the image features bit-equal to the per-call cast of `nnx.split`; kept while the
+    weights stay, made again when new weights are loaded; a float32 model is split as it is."""
+    from flax import nnx
+
+    from ovseg_jax.clip import Clip
+    from ovseg_jax.models.clip import CLIP, ClipConfig
+
+    config = ClipConfig(embed_dim=16, image_size=32, patch_size=8, vision_width=32, vision_layers=2,
+                        vision_heads=2, vision_mlp_dim=64, context_length=8, vocab_size=64, text_width=16,
+                        text_layers=1, text_heads=1, text_mlp_dim=32, eot_token_id=63)
+    model = CLIP(config, dtype=BF16, rngs=nnx.Rngs(0))
+    images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    graphdef, state = layers.inference_split(model)
+    dtypes = {"/".join(map(str, path)): variable[...].dtype for path, variable in nnx.to_flat_state(state)}
+    assert dtypes["visual/transformer/resblocks/0/mlp/c_fc/kernel"] == BF16
+    assert dtypes["visual/conv1/kernel"] == BF16
+    assert all(dtype == jnp.float32 for path, dtype in dtypes.items() if not path.endswith("kernel"))
+
+    def features(graphdef, state):
+        return jax.jit(lambda s: nnx.merge(graphdef, s).encode_image(images))(state)
+
+    np.testing.assert_array_equal(features(graphdef, state), features(*nnx.split(model)))
+    assert layers.inference_split(model)[1] is state  # kept
+
+    fresh = CLIP(config, dtype=BF16, rngs=nnx.Rngs(7))
+    nnx.update(model, nnx.state(fresh))  # new weights loaded
+    graphdef, again = layers.inference_split(model)
+    assert again is not state
+    np.testing.assert_array_equal(features(graphdef, again), features(*nnx.split(fresh)))
+    np.testing.assert_array_equal(Clip(model).encode_image(images), Clip(fresh).encode_image(images))
+
+    full = CLIP(config, rngs=nnx.Rngs(0))
+    assert all(variable[...].dtype == jnp.float32
+               for _, variable in nnx.to_flat_state(layers.inference_split(full)[1]))

@@ -38,6 +38,7 @@ from ovseg_jax.inference.amg_utils import (batched_mask_to_box, box_nms, box_xyx
                                            calculate_stability_score, coco_encode, float32_floor, generate_crop_boxes,
                                            is_box_near_crop_edge, mask_to_rle, masks_to_boxes_np, remove_small_regions,
                                            uncrop_boxes_xyxy, uncrop_masks, uncrop_points)
+from ovseg_jax.models.layers import inference_split
 from ovseg_jax.models.sam.transforms import ResizeLongestSide
 
 if TYPE_CHECKING:
@@ -213,7 +214,7 @@ class AutomaticMaskGenerator:
         self.crop_overlap_ratio = crop_overlap_ratio
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
-        self._graphdef, self._state = nnx.split(model)
+        self._graphdef, self._state = inference_split(model)
 
     # -- public
 

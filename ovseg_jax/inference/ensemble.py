@@ -70,6 +70,7 @@ from flax import nnx
 from ovseg_jax.clip import Clip
 from ovseg_jax.data.transforms import resize_image, resized_hw as reference_resized_hw
 from ovseg_jax.inference.masked_crops import CROPS, masked_crops
+from ovseg_jax.models.layers import inference_split
 from ovseg_jax.models.maskformer import Segmenter, TEMPERATURE, normalize_images
 from ovseg_jax.utils.image_ops import resize_bilinear, window_interpolation_matrix
 
@@ -559,7 +560,7 @@ class Predictor:
     def proposals(self, images, class_names: Sequence[str], resized_hw=None) -> Proposals:
         """The segmenter's proposals of one padded image (`[Q, ...]` arrays) or a batch (`[B, Q, ...]`)."""
         batch, sizes = self._images(images, resized_hw)
-        seg_graph, seg_state = nnx.split(self.segmenter)
+        seg_graph, seg_state = inference_split(self.segmenter)
         out = _proposals_jit(seg_graph, seg_state, jnp.asarray(batch, jnp.float32),
                              self.text_bank(check_class_names(class_names)), jnp.asarray(sizes))
         return Proposals(*(x[0] for x in out)) if np.ndim(images) == 3 else out
@@ -577,7 +578,7 @@ class Predictor:
         batch, _ = self._images(images, None)
         single = mask_probs.ndim == 3
         add_batch = (lambda x: x[None]) if single else (lambda x: x)
-        clip_graph, clip_state = nnx.split(self.clip.model)
+        clip_graph, clip_state = inference_split(self.clip.model)
         logits, valid = _crops_jit(clip_graph, clip_state, jnp.asarray(batch, jnp.float32), add_batch(mask_probs),
                                    None if self.clip_top_k is None else add_batch(pred_logits),
                                    self.text_bank(check_class_names(class_names)),
@@ -592,8 +593,8 @@ class Predictor:
         `len(names)` on are padding."""
         if self.proposal_source != "maskformer":
             return self.sam.batch_scores(self, batch, sizes, names, num_named)
-        seg_graph, seg_state = nnx.split(self.segmenter)
-        clip_graph, clip_state = nnx.split(self.clip.model)
+        seg_graph, seg_state = inference_split(self.segmenter)
+        clip_graph, clip_state = inference_split(self.clip.model)
         return _scores_jit(seg_graph, seg_state, clip_graph, clip_state, jnp.asarray(batch, jnp.float32),
                            pad_classes(self.text_bank(names), self.class_bucket), jnp.asarray(sizes),
                            jnp.int32(len(names)), jnp.int32(num_named), jnp.float32(self.mask_threshold),

@@ -63,6 +63,7 @@ from ovseg_jax.inference.amg import AutomaticMaskGenerator
 from ovseg_jax.inference.ensemble import (Proposals, _classify_crops, ensemble_class_probs, inside_window,
                                           mask_padded_classes, pad_classes, semantic_scores)
 from ovseg_jax.inference.inputs import InputError
+from ovseg_jax.models.layers import inference_split
 
 if TYPE_CHECKING:
     from ovseg_jax.inference.ensemble import Predictor
@@ -136,7 +137,7 @@ class SamProposals:
         if predictor.proposal_source == "both":  # the segmenter's program, as the sweeps run it (`Predictor.proposals`)
             segmented = predictor.proposals(images, names, resized_hw=sizes)
             segmented = Proposals(pad_class_columns(segmented.pred_logits, len(bank)), segmented.mask_probs)
-        clip_graph, clip_state = nnx.split(predictor.clip.model)
+        clip_graph, clip_state = inference_split(predictor.clip.model)
         return _scores_jit(clip_graph, clip_state, jnp.asarray(images, jnp.float32), masks, segmented, bank,
                            jnp.asarray(sizes), jnp.int32(len(names)), jnp.int32(num_named),
                            jnp.float32(predictor.mask_threshold), jnp.float32(predictor.granularity),
