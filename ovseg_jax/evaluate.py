@@ -55,9 +55,8 @@ from ovseg_jax.evaluation.protocol import (DATASETS, MODES, check_proposals, dat
                                            write_report)
 from ovseg_jax.evaluation.report import format_table
 from ovseg_jax.inference.inputs import parse_templates
-from ovseg_jax.inference.ensemble import PROPOSALS
 from ovseg_jax.inference.loading import load_predictor
-from ovseg_jax.inference.sam_proposals import SamProposals, not_released_reason, parse_sam_options
+from ovseg_jax.inference.sam_proposals import SamProposals, add_sam_arguments, not_released_reason, parse_sam_options
 from ovseg_jax.utils.cli import cli_logging, exit_on_error
 from ovseg_jax.utils.host_memory import keep_freed_memory
 
@@ -85,14 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", choices=("masked", "box"), default="masked", help="appendix A: masked or plain box crops")
     p.add_argument("--clip-top-k", type=int, metavar="K", help="CLIP on the K valid proposals the segmenter ranks "
                    "highest only, the others classified by the segmenter (default: all, as the paper)")
-    p.add_argument("--proposals", choices=PROPOSALS, default="maskformer", help="masks CLIP classifies: the "
-                   "segmenter's (the paper), SAM's automatic masks, or both (docs/sam.md)")
-    p.add_argument("--sam-checkpoint", help="SAM weights for --proposals sam|both: sam_vit_{b,l,h}_*.pth or a "
-                   "transformers SamModel directory")
-    p.add_argument("--sam-option", action="append", default=[], metavar="NAME=VALUE",
-                   help="an AutomaticMaskGenerator setting, e.g. points_per_side=16 (python -m ovseg_jax.amg's flags "
-                        "with '_'); repeatable")
-    p.add_argument("--sam-dtype", choices=("float32", "bfloat16"), default="float32", help="SAM's compute dtype")
+    add_sam_arguments(p)
     p.add_argument("--short", type=int, help="test short side (default per model: 640 Swin-B, 512 R101c)")
     p.add_argument("--max-size", type=int, help="test long-side cap (default 2560 Swin-B, 2048 R101c)")
     p.add_argument("--bucket", type=int, help="pad to multiples of this (one compilation per padded shape)")

@@ -26,11 +26,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ovseg_jax.inference.ensemble import PROPOSALS, Predictor
+from ovseg_jax.inference.ensemble import Predictor
 from ovseg_jax.inference.files import format_summary, predict_files
 from ovseg_jax.inference.inputs import BUCKET, InputError, collect_inputs, parse_class_names, parse_templates
 from ovseg_jax.inference.loading import MODE_DEFAULTS, RESIZE, TOKENIZER_PLACES, load_predictor
-from ovseg_jax.inference.sam_proposals import not_released_reason, parse_sam_options
+from ovseg_jax.inference.sam_proposals import add_sam_arguments, not_released_reason, parse_sam_options
 from ovseg_jax.utils.compilation import default_cache_dir
 from ovseg_jax.utils.host_memory import keep_freed_memory
 
@@ -65,14 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mask-prompts", action="store_true", help="run CLIP without its mask prompts")
     p.add_argument("--clip-top-k", type=int, default=None, metavar="K",
                    help="CLIP on the K valid proposals the segmenter ranks highest only (default: all, as the paper)")
-    p.add_argument("--proposals", choices=PROPOSALS, default="maskformer", help="masks CLIP classifies: the "
-                   "segmenter's (the paper), SAM's automatic masks, or both (docs/sam.md)")
-    p.add_argument("--sam-checkpoint", help="SAM weights for --proposals sam|both: sam_vit_{b,l,h}_*.pth or a "
-                   "transformers SamModel directory")
-    p.add_argument("--sam-option", action="append", default=[], metavar="NAME=VALUE",
-                   help="an AutomaticMaskGenerator setting, e.g. points_per_side=16 (python -m ovseg_jax.amg's flags "
-                        "with '_'); repeatable")
-    p.add_argument("--sam-dtype", choices=("float32", "bfloat16"), default="float32", help="SAM's compute dtype")
+    add_sam_arguments(p)
     p.add_argument("--granularity", type=float, default=1.0, help="demo mode with SAM proposals: each class keeps "
                    "every mask scoring above this fraction of its best (default 1: the best only)")
     p.add_argument("--short", type=int, default=None, help="short side of the model input (default 640; R101c 512; "

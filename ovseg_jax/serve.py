@@ -20,10 +20,10 @@ import sys
 import threading
 from typing import NoReturn
 
-from ovseg_jax.inference.ensemble import MODES, PROPOSALS
+from ovseg_jax.inference.ensemble import MODES
 from ovseg_jax.inference.inputs import InputError, parse_class_names, parse_templates
 from ovseg_jax.inference.loading import load_predictor
-from ovseg_jax.inference.sam_proposals import parse_sam_options
+from ovseg_jax.inference.sam_proposals import add_sam_arguments, parse_sam_options
 from ovseg_jax.text import templates as resolve_templates
 from ovseg_jax.utils.host_memory import keep_freed_memory
 
@@ -38,13 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0: reachable from other machines")
     p.add_argument("--port", type=int, default=7860, help="0: the first free port from 7860")
     p.add_argument("--mode", choices=MODES, default="semantic", help="the mode the page starts in")
-    p.add_argument("--sam-checkpoint", help="SAM weights (sam_vit_{b,l,h}_*.pth or a transformers SamModel directory): "
-                   "the page offers SAM's automatic masks as proposals (docs/sam.md)")
-    p.add_argument("--proposals", choices=PROPOSALS, default="maskformer", help="the proposals the page starts with "
-                   "(sam, both: need --sam-checkpoint)")
-    p.add_argument("--sam-option", action="append", default=[], metavar="NAME=VALUE",
-                   help="an AutomaticMaskGenerator setting, e.g. points_per_side=16; repeatable")
-    p.add_argument("--sam-dtype", choices=("float32", "bfloat16"), default="float32", help="SAM's compute dtype")
+    add_sam_arguments(p, "the proposals the page starts with (sam, both: need --sam-checkpoint; with it the "
+                      "page offers SAM's automatic masks as proposals, docs/sam.md)")
     p.add_argument("--granularity", type=float, default=1.0, help="demo mode with SAM proposals: each class keeps "
                    "every mask scoring above this fraction of its best (default 1: the best only)")
     p.add_argument("--short", type=int, help="uploads are resized to this short side (reference 1.1; default "

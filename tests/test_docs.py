@@ -173,8 +173,12 @@ def _command_source(line: str) -> tuple[str, str] | None:
     module = re.search(r"python -m (ovseg_jax(?:\.\w+)*)", line)
     if module:
         base = ROOT / Path(*module.group(1).split("."))
-        files = [base.with_suffix(".py"), base / "__main__.py", ROOT / "ovseg_jax" / "utils" / "cli.py"]
-        return module.group(1), "\n".join(f.read_text() for f in files if f.is_file())
+        files = [f for f in (base.with_suffix(".py"), base / "__main__.py") if f.is_file()]
+        # and the modules it imports flags from (`add_sam_arguments(parser)`): those that add arguments
+        imported = {ROOT / Path(*m.split(".")).with_suffix(".py")
+                    for f in files for m in re.findall(r"^from (ovseg_jax[\w.]*) import", f.read_text(), re.M)}
+        files += sorted(f for f in imported if f.is_file() and "add_argument(" in f.read_text())
+        return module.group(1), "\n".join(f.read_text() for f in files)
     bench = re.search(r"python (bench/\w+\.py)", line)
     if bench:
         files = [ROOT / bench.group(1), ROOT / "bench" / "common.py"]

@@ -60,7 +60,7 @@ import numpy as np
 from flax import nnx
 
 from ovseg_jax.inference.amg import AutomaticMaskGenerator
-from ovseg_jax.inference.ensemble import (Proposals, _classify_crops, ensemble_class_probs, inside_window,
+from ovseg_jax.inference.ensemble import (PROPOSALS, Proposals, _classify_crops, ensemble_class_probs, inside_window,
                                           mask_padded_classes, pad_classes, semantic_scores)
 from ovseg_jax.inference.inputs import InputError
 from ovseg_jax.models.layers import inference_split
@@ -283,6 +283,19 @@ def _scores_jit(clip_graph, clip_state, images, sam_masks, segmented, text_bank,
                           segmenter_valid=valid[:q], **common)
 
     return jax.lax.map(one, (images, sam_masks, resized_hw, segmented))
+
+
+def add_sam_arguments(parser, proposals_help: str = "masks CLIP classifies: the segmenter's (the paper), "
+                      "SAM's automatic masks, or both (docs/sam.md)") -> None:
+    """The SAM flags predict, evaluate and serve share: --proposals, --sam-checkpoint, --sam-option
+    (read by `parse_sam_options`), --sam-dtype."""
+    parser.add_argument("--proposals", choices=PROPOSALS, default="maskformer", help=proposals_help)
+    parser.add_argument("--sam-checkpoint", help="SAM weights for --proposals sam|both: sam_vit_{b,l,h}_*.pth or a "
+                        "transformers SamModel directory")
+    parser.add_argument("--sam-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="an AutomaticMaskGenerator setting, e.g. points_per_side=16 (python -m ovseg_jax.amg's "
+                             "flags with '_'); repeatable")
+    parser.add_argument("--sam-dtype", choices=("float32", "bfloat16"), default="float32", help="SAM's compute dtype")
 
 
 def parse_sam_options(specs: Sequence[str]) -> dict:
