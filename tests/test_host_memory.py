@@ -12,14 +12,15 @@ import sys
 
 import pytest
 
-# A jitted function whose temporaries (two 64 MB float32 intermediates) exceed what a glibc thread
-# arena holds (64 MB), so without the setting each run maps and faults them anew.
+# A jitted function whose temporaries (two 64 MB float32 intermediates, the operands of a product with a
+# 64 x 64 result: 2 GFLOP a run) exceed what a glibc thread arena holds (64 MB), so without the setting
+# each run maps and faults them anew.
 PROGRAM = r"""
 import json, resource, sys
 from ovseg_jax.utils.host_memory import keep_freed_memory
 applied = keep_freed_memory()
 import jax, jax.numpy as jnp
-f = jax.jit(lambda x: (jnp.sin(x) @ jnp.cos(x)).sum())
+f = jax.jit(lambda x: (jnp.sin(x).reshape(64, -1) @ jnp.cos(x).reshape(-1, 64)).sum())
 x = jnp.ones((4096, 4096), jnp.float32)
 faults = []
 for _ in range(int(sys.argv[1])):
