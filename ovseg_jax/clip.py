@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from ovseg_jax.convert import clip_keys
-from ovseg_jax.convert.params import nnx_to_torch, torch_to_nnx
+from ovseg_jax.convert.params import nnx_to_torch, on_device, torch_to_nnx, unfilled
 from ovseg_jax.training import checkpoint
 from ovseg_jax.convert.torch_io import (SIDECAR_SUFFIX, CheckpointError, check_sidecar_fields, read_json,
                                         read_safetensors, read_sidecar, read_state_dict, write_safetensors,
@@ -291,9 +291,13 @@ def load(path: str | os.PathLike, mask_prompt_depth: int | None = None,
     config, drop, fresh = _prompt_depth(config, "visual.mask_embedding" in state, mask_prompt_depth, path)
     if drop:
         state.pop("visual.mask_embedding", None)
-    model = CLIP(config, dtype=dtype, rngs=nnx.Rngs(0))
-    torch_to_nnx(state, model, source=f"{path} ({layout} layout)",
-                 ignore_missing=("visual.mask_embedding",) if fresh else ())
+    if fresh:  # new mask prompts keep their initialisation N(0, 0.02)
+        model = CLIP(config, dtype=dtype, rngs=nnx.Rngs(0))
+        torch_to_nnx(state, model, source=f"{path} ({layout} layout)", ignore_missing=("visual.mask_embedding",))
+    else:  # the file fills every parameter: no random initialisation to throw away
+        model = unfilled(lambda rngs: CLIP(config, dtype=dtype, rngs=rngs))
+        torch_to_nnx(state, model, source=f"{path} ({layout} layout)")
+        on_device(model)
     return _with_tokenizer(model, tokenizer, path if path.is_dir() else None)
 
 

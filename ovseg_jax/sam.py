@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from ovseg_jax.convert import sam_keys
-from ovseg_jax.convert.params import nnx_to_torch, torch_to_nnx
+from ovseg_jax.convert.params import nnx_to_torch, on_device, torch_to_nnx, unfilled
 from ovseg_jax.convert.torch_io import (
     CheckpointError,
     read_json,
@@ -36,7 +36,7 @@ from ovseg_jax.convert.torch_io import (
     write_torch_file,
 )
 from ovseg_jax.models.layers import inference_split
-from ovseg_jax.models.sam import Sam, SamConfig, abstract_sam
+from ovseg_jax.models.sam import Sam, SamConfig
 from ovseg_jax.models.sam.transforms import ResizeLongestSide
 
 __all__ = ["SamModel", "ImageEmbedding", "load", "export", "segment_anything_state_dict", "CheckpointError"]
@@ -185,20 +185,11 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32, decoder_heads: int = 8) 
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     state, config, layout = _read_checkpoint(path, decoder_heads)
-    model = _unfilled_model(config, dtype)
+    # no random initialisation (636M draws for ViT-H): the file fills every parameter or torch_to_nnx raises
+    model = unfilled(lambda rngs: Sam(config, dtype=dtype, rngs=rngs))
     torch_to_nnx(sam_keys.to_nnx_layout(state), model, source=f"{path} ({layout} layout)")
-    nnx.update(model, jax.tree.map(jnp.asarray, nnx.state(model)))  # host buffers -> JAX arrays
+    on_device(model)
     return SamModel(model)
-
-
-def _unfilled_model(config: SamConfig, dtype) -> Sam:
-    """`Sam(config)` whose parameters are uninitialised host buffers (`np.empty`, no memory touched)
-    for `torch_to_nnx` to fill, which it does completely or raises: a random initialisation is
-    636M draws for ViT-H (and 15 s of eager dispatch even for a tiny test model on a busy CPU)."""
-    model = abstract_sam(config, dtype=dtype)
-    for _, variable in nnx.to_flat_state(nnx.state(model)):
-        variable.set_value(np.empty(variable.shape, variable.dtype))
-    return model
 
 
 # ---------------------------------------------------------------------------------------------

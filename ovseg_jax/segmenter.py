@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from ovseg_jax.convert import backbone_keys, segmenter_keys as keys
-from ovseg_jax.convert.params import nnx_to_torch, torch_to_nnx
+from ovseg_jax.convert.params import nnx_to_torch, on_device, torch_to_nnx, unfilled
 from ovseg_jax.training import checkpoint
 from ovseg_jax.convert.torch_io import (SIDECAR_SUFFIX, CheckpointError, check_sidecar_fields, read_json,
                                         read_safetensors, read_sidecar, read_state_dict, write_safetensors,
@@ -101,11 +101,11 @@ def _load_ovseg(state: dict, path: Path, config: SegmenterConfig | None, dtype) 
         raise CheckpointError(f"{path}: unexpected keys in an OVSeg checkpoint ({len(unexpected)}): "
                               + ", ".join(sorted(unexpected)[:20]))
     config = config or _read_sidecar(path) or _ovseg_config(head, backbone, str(path))
-    model = Segmenter(config, dtype=dtype, rngs=nnx.Rngs(0))
+    model = unfilled(lambda rngs: Segmenter(config, dtype=dtype, rngs=rngs))  # the file fills every parameter
     converted = _backbone_to_ours(config.backbone, backbone)
     torch_to_nnx({**{"backbone." + k: v for k, v in converted.items()}, **head}, model,
                  source=f"{path} (OVSeg layout)")
-    return model
+    return on_device(model)
 
 
 def _backbone_to_ours(kind: str, state: dict) -> dict:
@@ -181,7 +181,7 @@ def _load_backbone_only(state: dict, path: Path, config: SegmenterConfig | None,
 def _load_workdir(path: Path, config: SegmenterConfig | None, step: int | None, dtype) -> Segmenter:
     saved = checkpoint.stage_config(path, "segmenter", step)
     config = config or SegmenterConfig.from_dict(saved["model"]["segmenter"])
-    model = Segmenter(config, dtype=dtype, rngs=nnx.Rngs(0))
+    model = Segmenter(config, dtype=dtype, rngs=nnx.Rngs(0))  # (a run saves the Params, not R101c's FrozenStats)
     checkpoint.restore_params(model, path, step=step, prefix=WORKDIR_PREFIX)
     return model
 

@@ -200,6 +200,24 @@ class Conv(nnx.Conv):
         return super().__call__(x).astype(self.dtype or x.dtype)
 
 
+class FixedKeyRngs:
+    """Stands in for `nnx.Rngs` when only shapes matter: every stream returns the same key."""
+
+    def __getattr__(self, name):
+        return self
+
+    def __call__(self, *args, **kwargs) -> jax.Array:
+        return jax.random.key(0)
+
+
+def abstract_module(build: Callable[[Any], nnx.Module]) -> nnx.Module:
+    """`nnx.eval_shape` of `build(rngs)`: every variable a `jax.ShapeDtypeStruct`, nothing drawn or
+    allocated. `rngs` is a `FixedKeyRngs`: with a real `nnx.Rngs`, each draw's counter update inside
+    the trace asks the tracer for `.sharding`, whose error message walks the whole trace: quadratic,
+    16 s for SAM ViT-H and 3.9 s for the Swin-B segmenter against 1 s and 0.6 s (flax 0.12.8, jax 0.10.2)."""
+    return nnx.eval_shape(lambda: build(FixedKeyRngs()))
+
+
 _INFERENCE_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
