@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -97,3 +99,31 @@ def test_missing_clip_is_reported_before_training(tmp_path, clip_dir):
         config.model.clip_init = str(tmp_path / "ViT-L-14.pt")
     with pytest.raises(FileNotFoundError, match="ViT-L-14.pt.*frozen CLIP"):
         task.check_inputs(config)
+
+
+@pytest.mark.slow
+def test_a_resnet_runs_frozen_batch_norm_statistics_come_back_with_its_workdir(clip_dir, tmp_path):
+    """`segmenter.load(workdir)` of an R101c run: the FrozenBN statistics (not parameters: the run
+    keeps them in `train/model_state`, as loaded from R-103.pkl at its start) are the run's, not the
+    initial identity ones."""
+    from ovseg_jax import segmenter as segmenter_api
+    from ovseg_jax.convert.params import nnx_to_torch
+    from ovseg_jax.models.resnet import ResNetConfig
+
+    c = tiny_segmenter_config(clip_dir, total_steps=1)
+    with c.unlocked():
+        c.model.segmenter = dataclasses.replace(SegmenterConfig.from_dict(c.model.segmenter.to_dict()), backbone="resnet",
+                                                backbone_config=ResNetConfig.tiny_test()).to_dict()
+    trainer = Trainer(c, workdir=tmp_path / "run")
+    rng = np.random.default_rng(0)  # as a detectron2 file's statistics: anything but 0 / 1
+    trainer.state["model_state"] = {k: (v if k.endswith("text_bank") else v + rng.uniform(0.5, 1.0, v.shape))
+                                    for k, v in trainer.state["model_state"].items()}
+    trainer.save()
+    trainer.close()
+    state = jax.device_get(trainer.state)
+    expected = nnx_to_torch(trainer.model(state["params"], state["model_state"]).segmenter)
+    loaded = nnx_to_torch(segmenter_api.load(tmp_path / "run"))
+    assert sum("running_var" in k for k in expected) >= 10
+    assert loaded.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_array_equal(loaded[key], expected[key], err_msg=key)

@@ -152,16 +152,30 @@ def _step_dir(path: str | Path, step: int | None) -> Path:
 def load_params(path: str | Path, step: int | None = None) -> dict[str, np.ndarray]:
     """Flat `{path: np.ndarray}` parameters of a trainer checkpoint (a workdir, its
     `checkpoints/` directory, or one step directory); the latest step unless `step` is given."""
-    step_dir = _step_dir(path, step)
+    return _restore_numpy(_step_dir(path, step) / "params")
+
+
+def load_model_state(path: str | Path, step: int | None = None) -> dict[str, np.ndarray]:
+    """Flat `{path: np.ndarray}` non-parameter model state of a trainer checkpoint (`train/model_state`:
+    e.g. R101c's frozen batch-norm statistics, the segmenter stage's text bank); {} when the run had
+    none. Only that part of the `train` item is read (not the optimiser state)."""
+    return _restore_numpy(_step_dir(path, step) / "train", "model_state")
+
+
+def _restore_numpy(item_dir: Path, key: str | None = None) -> dict[str, np.ndarray]:
+    """An orbax PyTree item (or its entry `key`, read alone) as flat numpy arrays."""
     with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(step_dir / "params")
-        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), dict(tree))
-        restored = ckptr.restore(step_dir / "params",
-                                 args=ocp.args.PyTreeRestore(
-                                     item=target,
-                                     restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                                               target)))
+        meta = ckptr.metadata(item_dir)
+        tree = dict(meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree)
+        if key is not None:
+            if key not in tree:
+                return {}
+            tree = {key: tree[key]}
+        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
+        restored = ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
+            partial_restore=key is not None))
+    restored = restored[key] if key is not None else restored
     return {k: np.asarray(v) for k, v in restored.items()}
 
 
@@ -187,9 +201,19 @@ def restore_params(model: nnx.Module, path: str | Path, *, step: int | None = No
                    drop: Sequence[str] = (), allow_missing: Sequence[str] = ()) -> None:
     """Copy a trainer checkpoint's parameters into `model` in place (see `assign_params`): saved
     paths lose `prefix` (e.g. "segmenter/" of the segmenter stage's wrapper); paths in `drop` are
-    left out; a saved path outside `prefix` is an unexpected parameter."""
+    left out; a saved path outside `prefix` is an unexpected parameter. The model's other state
+    (R101c's frozen batch-norm statistics, loaded from R-103.pkl when the run started) comes from the
+    run's `train/model_state` where it has it."""
     step_dir = _step_dir(path, step)
     params = {k.removeprefix(prefix): v for k, v in load_params(step_dir).items()}
     params = {k: v for k, v in params.items() if k not in drop}
     assign_params(model, params, source=f"{path} (trainer checkpoint, step {step_dir.name})",
                   allow_missing=allow_missing)
+    _, _, _, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    tree = FlatTree(rest)
+    flat = tree.flatten(rest)
+    if flat:
+        saved = {k.removeprefix(prefix): v for k, v in load_model_state(step_dir).items() if k.startswith(prefix)}
+        new = {p: (jax.numpy.asarray(saved[p], flat[p].dtype) if p in saved and saved[p].shape == flat[p].shape
+                   else flat[p]) for p in flat}
+        nnx.update(model, tree.unflatten(new))
