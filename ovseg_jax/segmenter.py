@@ -181,7 +181,8 @@ def _load_backbone_only(state: dict, path: Path, config: SegmenterConfig | None,
 def _load_workdir(path: Path, config: SegmenterConfig | None, step: int | None, dtype) -> Segmenter:
     saved = checkpoint.stage_config(path, "segmenter", step)
     config = config or SegmenterConfig.from_dict(saved["model"]["segmenter"])
-    model = Segmenter(config, dtype=dtype, rngs=nnx.Rngs(0))  # (a run saves the Params, not R101c's FrozenStats)
+    # initialised, not `unfilled`: non-parameter state a run did not save keeps its initial value
+    model = Segmenter(config, dtype=dtype, rngs=nnx.Rngs(0))
     checkpoint.restore_params(model, path, step=step, prefix=WORKDIR_PREFIX)
     return model
 

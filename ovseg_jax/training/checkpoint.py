@@ -61,11 +61,12 @@ class FlatTree:
 
 
 def assign_params(model: nnx.Module, loaded: Mapping[str, np.ndarray], *, source: str,
-                  allow_missing: Sequence[str] = ()) -> None:
+                  allow_missing: Sequence[str] = (), variables: Any = nnx.Param) -> None:
     """Copy flat `{path: array}` parameters into `model` in place. Every model parameter must be
     in `loaded` with its shape unless its path matches a regex of `allow_missing` (it keeps its
-    initialisation); extra entries in `loaded` are an error."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    initialisation); extra entries in `loaded` are an error. `variables`: the nnx filter of what is
+    assigned (default the parameters)."""
+    graphdef, params, rest = nnx.split(model, variables, ...)
     tree = FlatTree(params)
     flat = tree.flatten(params)
     missing = [p for p in flat if p not in loaded and not any(re.search(r, p) for r in allow_missing)]
@@ -209,11 +210,8 @@ def restore_params(model: nnx.Module, path: str | Path, *, step: int | None = No
     params = {k: v for k, v in params.items() if k not in drop}
     assign_params(model, params, source=f"{path} (trainer checkpoint, step {step_dir.name})",
                   allow_missing=allow_missing)
-    _, _, _, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
-    tree = FlatTree(rest)
-    flat = tree.flatten(rest)
-    if flat:
+    other_state = nnx.All(nnx.Not(nnx.Param), nnx.Not(nnx.RngState))
+    if jax.tree.leaves(nnx.state(model, other_state)):
         saved = {k.removeprefix(prefix): v for k, v in load_model_state(step_dir).items() if k.startswith(prefix)}
-        new = {p: (jax.numpy.asarray(saved[p], flat[p].dtype) if p in saved and saved[p].shape == flat[p].shape
-                   else flat[p]) for p in flat}
-        nnx.update(model, tree.unflatten(new))
+        assign_params(model, saved, source=f"{path} (trainer checkpoint's model_state, step {step_dir.name})",
+                      allow_missing=(".",), variables=other_state)  # what the run lacks keeps its initial value
